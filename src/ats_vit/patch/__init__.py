@@ -1,0 +1,1 @@
+"""One patch module per host library."""

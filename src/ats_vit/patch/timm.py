@@ -1,0 +1,238 @@
+"""Apply Adaptive Token Sampling to timm ``VisionTransformer`` models, and undo it.
+
+The model's class is swapped for a subclass whose ``forward_features`` runs the blocks on a
+:class:`~ats_vit.block.Tokens` batch; parameters, buffers and state-dict keys are untouched,
+and :func:`remove` swaps the original class back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from ..block import Tokens, ats_block, dense_block
+from ..flops import ViTCost
+from ..registry import get_sampler
+from ..stats import ATSStats
+
+TokenBudget = Union[None, int, float]
+_CONFIG = "_ats_config"
+_LAST = "_ats_last"
+_VALID = "_ats_valid"
+_POOLS = ("", "token", "avg", "max", "avgmax")
+
+
+@dataclass(frozen=True)
+class ATSConfig:
+    """How a model was patched; kept on the model, outside its state dict."""
+    blocks: Tuple[int, ...]
+    num_tokens: Tuple[TokenBudget, ...]
+    sampler: str
+    cost: ViTCost
+    original_class: type
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"model must be a timm VisionTransformer (or a subclass), got {type(model).__name__}")
+    if hasattr(model, _CONFIG):
+        raise ValueError("ATS is already applied to this model; call ats_vit.remove(model) first")
+    if not model.has_class_token or getattr(model, "cls_token", None) is None:
+        raise ValueError("model has no class token: ATS scores patch tokens by the class token's attention")
+    if type(model).forward_features is not VisionTransformer.forward_features:
+        raise TypeError(f"{type(model).__name__} overrides forward_features; ATS cannot serve it correctly")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in _POOLS:
+        raise ValueError(f"global_pool {model.global_pool!r} is not supported; allowed: {list(_POOLS)}")
+    if not isinstance(model.patch_drop, nn.Identity):
+        raise ValueError("models with patch dropout (patch_drop_rate > 0) are not supported: "
+                         "it discards patches before ATS can record their positions")
+    if not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d) or \
+            getattr(model.patch_embed, "backbone", None) is not None:
+        raise TypeError(f"patch_embed {type(model.patch_embed).__name__} is not supported; "
+                        "ATS needs timm's PatchEmbed (a convolutional patch projection)")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise TypeError(f"block {i} is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
+                            "ATS supports timm's standard Block with Attention only")
+
+
+def _check_blocks(blocks: Union[None, int, Sequence[int]], depth: int) -> Tuple[int, ...]:
+    allowed = f"allowed: block indices in 0..{depth - 1}"
+    if blocks is None:
+        blocks = range(3, depth)
+    elif isinstance(blocks, Integral) and not isinstance(blocks, bool):
+        blocks = [blocks]
+    try:
+        blocks = list(blocks)
+    except TypeError:
+        raise TypeError(f"blocks must be a list of ints or None, got {type(blocks).__name__}") from None
+    if not blocks:
+        raise ValueError(f"blocks must name at least one block; {allowed}")
+    for i in blocks:
+        if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < depth:
+            raise ValueError(f"blocks contains {i!r}; {allowed}")
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"blocks contains duplicates: {blocks}")
+    return tuple(sorted(int(i) for i in blocks))
+
+
+def _check_budget(value: TokenBudget) -> TokenBudget:
+    if value is None:
+        return None
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"num_tokens must be >= 1 as an int, got {value}")
+        return int(value)
+    if isinstance(value, Real) and not isinstance(value, bool):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"num_tokens as a float is a fraction in (0, 1], got {value}")
+        return float(value)
+    raise TypeError(f"num_tokens must be None, an int >= 1 or a float in (0, 1], got {value!r}")
+
+
+def _check_num_tokens(num_tokens, num_blocks: int) -> Tuple[TokenBudget, ...]:
+    if isinstance(num_tokens, (list, tuple)):
+        if len(num_tokens) != num_blocks:
+            raise ValueError(f"num_tokens has {len(num_tokens)} values; it needs one per ATS block ({num_blocks})")
+        return tuple(_check_budget(v) for v in num_tokens)
+    return (_check_budget(num_tokens),) * num_blocks
+
+
+def apply(
+        model: nn.Module,
+        blocks: Union[None, int, Sequence[int]] = None,
+        num_tokens: Union[TokenBudget, Sequence[TokenBudget]] = None,
+        sampler: str = "inverse_transform",
+) -> nn.Module:
+    """Put ATS into ``model`` in place and return it.
+
+    Args:
+        model: a timm ``VisionTransformer`` (any subclass built on its standard blocks).
+        blocks: ATS block indices; None means every block from 3 to the last (the paper's DeiT-S
+            placement).
+        num_tokens: K, the most patch tokens an ATS block keeps: None (the input's patch count,
+            the released configuration), an int >= 1, a float in (0, 1] (that fraction of the patch
+            tokens entering the block, per image, rounded, at least 1), or a list of those, one per
+            ATS block.
+        sampler: a name from :func:`ats_vit.list_samplers` (``"inverse_transform"``, ``"topk"``).
+    """
+    _check_model(model)
+    block_ids = _check_blocks(blocks, len(model.blocks))
+    budgets = _check_num_tokens(num_tokens, len(block_ids))
+    get_sampler(sampler)
+    config = ATSConfig(block_ids, budgets, sampler, ViTCost.of(model), type(model))
+    model.__class__ = _patched_class(type(model))
+    setattr(model, _CONFIG, config)
+    setattr(model, _LAST, None)
+    setattr(model, _VALID, None)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the model computes exactly what it computed before."""
+    config = getattr(model, _CONFIG, None)
+    if config is None:
+        raise ValueError("model is not patched with ATS (ats_vit.apply was never called on it)")
+    model.__class__ = config.original_class
+    for name in (_CONFIG, _LAST, _VALID):
+        delattr(model, name)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ATS is applied to ``model``."""
+    return hasattr(model, _CONFIG)
+
+
+def last_stats(model: nn.Module) -> ATSStats:
+    """Tokens kept, their positions and GMACs per image in the model's last forward."""
+    if not is_patched(model):
+        raise ValueError("model is not patched with ATS; call ats_vit.apply(model) first")
+    stats = getattr(model, _LAST)
+    if stats is None:
+        raise ValueError("no forward has run since ats_vit.apply; run the model first")
+    return stats
+
+
+def _budget(value: TokenBudget, tokens: Tokens, num_patches: int, num_prefix: int):
+    if value is None:
+        return num_patches
+    if isinstance(value, float):
+        entering = (tokens.counts() - num_prefix).to(torch.float64)
+        return (entering * value).round().clamp(min=1).long()
+    return value
+
+
+class _ATSVisionTransformer:
+    """Methods that replace ``VisionTransformer``'s while ATS is applied."""
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("attn_mask and is_causal are not supported while ATS is applied")
+        config: ATSConfig = getattr(self, _CONFIG)
+        sampler = get_sampler(config.sampler)
+        P = self.num_prefix_tokens
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        B, N, _ = x.shape
+        n = N - P
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+
+        def run(fn, *args):
+            return checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
+
+        tokens = Tokens(x, None, torch.arange(n, device=x.device).expand(B, n))
+        counts, positions = [tokens.counts()], []
+        budgets = dict(zip(config.blocks, config.num_tokens))
+        for i, blk in enumerate(self.blocks):
+            if i in budgets:
+                k = _budget(budgets[i], tokens, n, P)
+                tokens, _ = run(ats_block, blk, tokens, P, k, sampler)
+                positions.append(tokens.positions)
+            else:
+                tokens = run(dense_block, blk, tokens)
+            counts.append(tokens.counts())
+
+        token_counts = torch.stack(counts, dim=1)
+        setattr(self, _VALID, tokens.valid)
+        setattr(self, _LAST, ATSStats(
+            blocks=config.blocks,
+            num_patches=n,
+            num_kept=token_counts[:, [i + 1 for i in config.blocks]] - P,
+            positions=tuple(positions),
+            tokens=token_counts,
+            gmacs=config.cost.macs(n, token_counts) / 1e9,
+            dense_gmacs=config.cost.dense_macs(n, P) / 1e9,
+        ))
+        return self.norm(tokens.x)
+
+    def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        valid = getattr(self, _VALID)
+        if valid is None or pool_type in ("", "token") or valid.shape != x.shape[:2]:
+            return super().pool(x, pool_type)
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        x, keep = x[:, start:], valid[:, start:, None]
+        mean = (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+        if pool_type == "avg":
+            return mean
+        peak = x.masked_fill(~keep, float("-inf")).amax(dim=1)
+        return peak if pool_type == "max" else 0.5 * (peak + mean)
+
+    def forward_intermediates(self, *args, **kwargs):
+        raise NotImplementedError("forward_intermediates is not supported while ATS is applied; "
+                                  "call ats_vit.remove(model) first")
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"ATS{cls.__name__}", (_ATSVisionTransformer, cls), {})
+    return _CLASSES[cls]

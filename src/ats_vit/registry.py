@@ -1,0 +1,34 @@
+"""Token selection rules chosen by name: scores in, kept indices out (see :mod:`ats_vit.sampling`)."""
+from __future__ import annotations
+
+from typing import Dict
+
+from .sampling import Sampler, inverse_transform_sampling, topk_sampling
+
+_SAMPLERS: Dict[str, Sampler] = {
+    "inverse_transform": inverse_transform_sampling,
+    "topk": topk_sampling,
+}
+
+
+def register_sampler(name: str, sampler: Sampler) -> None:
+    """Make ``sampler`` available to :func:`ats_vit.apply` as ``sampler=name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if name in _SAMPLERS:
+        raise ValueError(f"a sampler named {name!r} is already registered")
+    if not callable(sampler):
+        raise TypeError(f"sampler must be callable (scores, num_samples) -> index, got {type(sampler).__name__}")
+    _SAMPLERS[name] = sampler
+
+
+def list_samplers() -> list[str]:
+    """Names accepted by ``sampler=``."""
+    return sorted(_SAMPLERS)
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler registered as ``name``; a ValueError lists the allowed names otherwise."""
+    if not isinstance(name, str) or name not in _SAMPLERS:
+        raise ValueError(f"sampler must be one of {list_samplers()}, got {name!r}")
+    return _SAMPLERS[name]

@@ -1,0 +1,195 @@
+import copy
+
+import pytest
+import torch
+
+import ats_vit
+from reference import make_vit, reference_forward, slow_topk
+
+
+def images(n: int, size: int = 96, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def deit_s64():
+    """DeiT-S shaped (12 blocks, 384 wide, 6 heads, 196 patches at 224 px) in float64."""
+    return make_vit("deit_small_patch16_224").double()
+
+
+def patched(model, **kwargs):
+    return ats_vit.apply(copy.deepcopy(model), **kwargs)
+
+
+@pytest.mark.parametrize("num_tokens", [None, 40])
+def test_matches_slow_reference_per_image(deit_s64, num_tokens):
+    x = images(3, 224, dtype=torch.float64)
+    model = patched(deit_s64, num_tokens=num_tokens)
+    with torch.no_grad():
+        logits = model(x)
+    stats = ats_vit.last_stats(model)
+    assert len(set(stats.num_kept[:, -1].tolist())) > 1, "images should keep different counts"
+    for b in range(3):
+        with torch.no_grad():
+            ref_logits, ref_kept = reference_forward(deit_s64, x[b:b + 1], range(3, 12), num_tokens)
+        assert torch.allclose(logits[b], ref_logits, atol=1e-9, rtol=0)
+        for block, kept in ref_kept.items():
+            assert stats.kept_positions(b, block) == kept
+        assert stats.num_kept[b].tolist() == [len(ref_kept[i]) for i in range(3, 12)]
+
+
+def test_topk_sampler_matches_slow_reference(deit_s64):
+    x = images(2, 224, dtype=torch.float64)
+    model = patched(deit_s64, blocks=[4, 7], num_tokens=[100, 50], sampler="topk")
+    with torch.no_grad():
+        logits = model(x)
+        for b in range(2):
+            ref_logits, _ = reference_forward(deit_s64, x[b:b + 1], [4, 7], None,
+                                              rule=lambda s, _k, it=iter([100, 50]): slow_topk(s, next(it)))
+            assert torch.allclose(logits[b], ref_logits, atol=1e-9, rtol=0)
+    assert ats_vit.last_stats(model).num_kept.tolist() == [[100, 50], [100, 50]]
+
+
+def test_ats_blocks_that_drop_nothing_equal_the_dense_model():
+    dense = make_vit("deit_small_patch16_224", img_size=96)
+    x = images(4)
+    with torch.no_grad():
+        expected = dense(x)
+        model = patched(dense, blocks=list(range(12)), sampler="topk")
+        out = model(x)
+    assert (ats_vit.last_stats(model).num_kept == 36).all()
+    assert torch.allclose(out, expected, atol=1e-5, rtol=0)
+
+
+def test_remove_restores_exact_outputs_and_state_dict_is_untouched():
+    model = make_vit("deit_small_patch16_224", img_size=96)
+    x = images(3)
+    with torch.no_grad():
+        before = model(x)
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    cls = type(model)
+    ats_vit.apply(model, num_tokens=0.5)
+    assert ats_vit.is_patched(model)
+    assert {k: v for k, v in model.state_dict().items()}.keys() == keys.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in keys.items())
+    model.load_state_dict(keys)  # a checkpoint loads the same
+    with torch.no_grad():
+        assert not torch.allclose(model(x), before, atol=1e-3)
+    ats_vit.remove(model)
+    assert type(model) is cls and not ats_vit.is_patched(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_batch_independence(pool):
+    model = patched(make_vit("deit_small_patch16_224", img_size=96, global_pool=pool), num_tokens=0.9)
+    x = images(6)
+    with torch.no_grad():
+        batch = model(x)
+        counts = ats_vit.last_stats(model).num_kept
+        assert len(set(counts[:, -1].tolist())) > 1, "the batch must be padded for this test to mean anything"
+        for b in range(6):
+            alone = model(x[b:b + 1])
+            assert torch.equal(ats_vit.last_stats(model).num_kept[0], counts[b])
+            assert (alone[0] - batch[b]).abs().max() <= 1e-5
+
+
+VARIANTS = {
+    "deit_tiny": ("deit_tiny_patch16_224", {}),
+    "deit_small": ("deit_small_patch16_224", {}),
+    "deit_distilled": ("deit_small_distilled_patch16_224", {}),
+    "deit3_layerscale": ("deit3_small_patch16_224", {}),
+    "qk_norm": ("vit_small_patch16_224", {"qk_norm": True}),
+    "registers": ("vit_small_patch16_224", {"reg_tokens": 4}),
+    "avg_pool_with_class_token": ("vit_small_patch16_224", {"global_pool": "avg", "class_token": True}),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_match_reference(variant, fused):
+    name, kwargs = VARIANTS[variant]
+    base = make_vit(name, img_size=64, **kwargs).double()
+    for blk in base.blocks:
+        blk.attn.fused_attn = fused
+    with torch.no_grad():  # LayerScale would otherwise hide the attention branch
+        for module in base.modules():
+            if hasattr(module, "gamma"):
+                module.gamma.fill_(0.5)
+    model = patched(base, num_tokens=0.8)
+    x = images(2, 64, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+        feats = model.forward_features(x)
+    P = base.num_prefix_tokens
+    stats = ats_vit.last_stats(model)
+    assert (stats.tokens[:, -1] < stats.tokens[:, 0]).all()
+    assert feats.shape[1] == P + int(stats.num_kept[:, -1].max())
+    for b in range(2):
+        with torch.no_grad():
+            ref, kept = reference_forward(base, x[b:b + 1], range(3, 12), None,
+                                          rule=lambda s, _k: __import__("reference").slow_its(s, max(1, round(0.8 * len(s)))))
+        assert torch.allclose(logits[b], ref, atol=1e-9, rtol=0)
+        assert stats.kept_positions(b, 11) == kept[11]
+
+
+def test_dynamic_img_size_at_other_resolution():
+    model = make_vit("deit_small_patch16_224", img_size=96, dynamic_img_size=True)
+    ats_vit.apply(model)
+    x = torch.randn(2, 3, 80, 128)
+    with torch.no_grad():
+        out = model(x)
+    stats = ats_vit.last_stats(model)
+    assert out.shape == (2, 1000)
+    assert stats.num_patches == 5 * 8
+    assert (stats.num_kept[:, 0] < 40).all()
+    assert all(max(stats.kept_positions(b, 3)) < 40 for b in range(2))
+
+
+def test_training_gradients_match_reference(deit_s64):
+    x = images(2, 224, dtype=torch.float64)
+    model = patched(deit_s64, num_tokens=60)
+    model.train()
+    model(x).logsumexp(-1).sum().backward()
+    ref_model = copy.deepcopy(deit_s64).train()
+    sum(reference_forward(ref_model, x[b:b + 1], range(3, 12), 60)[0].logsumexp(-1) for b in range(2)).backward()
+    for name in ["blocks.5.attn.qkv.weight", "blocks.5.attn.proj.weight", "blocks.11.mlp.fc1.weight",
+                 "blocks.0.attn.qkv.weight", "cls_token"]:
+        got = dict(model.named_parameters())[name].grad
+        want = dict(ref_model.named_parameters())[name].grad
+        assert got.abs().sum() > 0
+        assert torch.allclose(got, want, atol=1e-9, rtol=1e-7), name
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    base = make_vit("deit_small_patch16_224", img_size=64)
+    x = images(3, 64)
+    grads = []
+    for ckpt in (False, True):
+        model = patched(base, num_tokens=0.6).train()
+        model.set_grad_checkpointing(ckpt)
+        model(x).square().mean().backward()
+        grads.append(model.blocks[6].attn.qkv.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_selection_is_deterministic_in_training():
+    model = patched(make_vit("deit_small_patch16_224", img_size=64), num_tokens=0.5).train()
+    x = images(4, 64)
+    model(x)
+    first = [p.clone() for p in ats_vit.last_stats(model).positions]
+    model(x)
+    assert all(torch.equal(a, b) for a, b in zip(first, ats_vit.last_stats(model).positions))
+
+
+def test_bfloat16_autocast_trains_without_nan():
+    model = patched(make_vit("deit_small_patch16_224", img_size=64), num_tokens=0.5).train()
+    x = images(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.float(), torch.tensor([1, 2, 3, 4]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert (ats_vit.last_stats(model).num_kept[:, -1] < 16).all()
