@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from . import apply, last_stats, remove
+from .errors import UserError
 from .report import format_table
 
 
@@ -59,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if (out / "log.csv").exists():
-        raise SystemExit(f"ats-vit train: --out {out} already holds a run (log.csv); choose another folder")
+        raise UserError(f"--out {out} already holds a run (log.csv); choose another folder")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     train_set, test_set = fashion_mnist(True, args.data_root), fashion_mnist(False, args.data_root)
     if args.limit:
@@ -82,6 +83,44 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_blocks(text: str) -> List[int]:
+    """'3-11', '3,5,7' or '3'."""
+    blocks: List[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            blocks.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like '3-11' or '3,5,7', got {text!r}") from None
+    return blocks
+
+
+def _parse_budget(text: str):
+    """An int, a fraction, or a comma list of them (one per ATS block)."""
+    def one(v: str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected an int or a fraction, got {v!r}") from None
+    values = [one(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .eval_job import EvalOptions, run_eval
+
+    run_eval(EvalOptions(
+        model=args.model, checkpoint=args.checkpoint, data=args.data, blocks=args.blocks,
+        num_tokens=args.num_tokens, sampler=args.sampler, target_gmacs=args.target_gmacs,
+        reductions=args.reductions, limit=args.limit, calib_images=args.calib_images,
+        batch_size=args.batch_size, workers=args.workers, device=args.device, out=args.out,
+        timing_repeats=args.timing_repeats, command="ats-vit " + " ".join(args.argv)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ats-vit", description="Adaptive Token Sampling for timm Vision Transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-root", default=None, help="where Fashion-MNIST is staged (default ~/.cache/ats-vit/data)")
     train.add_argument("--limit", type=int, default=0, help="train and test on the first N images only")
     train.set_defaults(run=_train)
+
+    ev = sub.add_parser("eval", help="accuracy, per-image GMACs and speed: dense vs ATS vs top-K",
+                        description="Without ATS options: the full comparison (dense, ATS released and at "
+                                    "lower budgets, top-K and single-block ATS at matched GMACs). With "
+                                    "--blocks/--num-tokens/--sampler/--target-gmacs: dense and that configuration.")
+    ev.add_argument("--model", default=None, help="timm model name, or a local .safetensors with its metadata "
+                                                  "JSON beside it (default: the bundled Fashion-MNIST ViT)")
+    ev.add_argument("--checkpoint", default=None, help="local weights for --model, loaded by timm")
+    ev.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an image folder of class sub-folders")
+    ev.add_argument("--blocks", type=_parse_blocks, default=None, help="ATS blocks, e.g. 3-11 or 3,6,9")
+    ev.add_argument("--num-tokens", type=_parse_budget, default=None, help="K: int, fraction, or one per block")
+    ev.add_argument("--sampler", default=None, help="inverse_transform (default) or topk")
+    ev.add_argument("--target-gmacs", type=float, default=None, help="find K so the mean GMACs per image hit this")
+    ev.add_argument("--reductions", type=lambda t: [float(v) for v in t.split(",")], default=[0.4, 0.5, 0.6],
+                    help="GMACs reductions of the lower ATS budgets in the full comparison")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    ev.add_argument("--calib-images", type=int, default=512, help="images used to find budgets")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--workers", type=int, default=2)
+    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ev.add_argument("--timing-repeats", type=int, default=5)
+    ev.add_argument("--out", default="runs/eval")
+    ev.set_defaults(run=_eval)
     return parser
 
 
@@ -106,7 +168,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return args.run(args)
+    try:
+        return args.run(args)
+    except UserError as e:
+        # Errors raised in a data-loader worker come back with its traceback folded into the message.
+        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"ats-vit: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,158 @@
+"""The ``ats-vit eval`` job: evaluate a model's methods, print one table, write JSON, CSV and figures."""
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import UserError
+from .evaluate import (DENSE, Method, Result, budget_for, check_target, configured, default_suite, dense_gmacs,
+                       evaluate_method, model_throughput)
+from .loading import first_images, load_dataset, load_model, num_classes
+from .report import format_table
+from .viz import plot_accuracy_vs_gmacs, plot_token_histogram
+
+
+@dataclass
+class EvalOptions:
+    model: Optional[str] = None
+    checkpoint: Optional[str] = None
+    data: str = "fashion-mnist"
+    blocks: Optional[Sequence[int]] = None
+    num_tokens: object = None
+    sampler: Optional[str] = None
+    target_gmacs: Optional[float] = None
+    reductions: Sequence[float] = (0.4, 0.5, 0.6)
+    limit: Optional[int] = None
+    calib_images: int = 512
+    batch_size: int = 256
+    workers: int = 2
+    device: str = "cpu"
+    out: str = "runs/eval"
+    timing_repeats: int = 5
+    command: str = ""
+
+    @property
+    def custom(self) -> bool:
+        return any(v is not None for v in (self.blocks, self.num_tokens, self.sampler, self.target_gmacs))
+
+
+def _methods(model, options: EvalOptions, calib: torch.Tensor) -> List[Method]:
+    say = lambda s: print(f"[calibrating on {len(calib)} images] {s}", flush=True)
+    if not options.custom:
+        return default_suite(model, calib, options.batch_size, options.reductions, progress=say)
+    depth = len(model.blocks)
+    blocks = tuple(options.blocks) if options.blocks is not None else tuple(range(3, depth))
+    sampler = options.sampler or "inverse_transform"
+    label = f"{'ATS' if sampler == 'inverse_transform' else sampler} blocks {','.join(map(str, blocks))}"
+    method = Method(label, label, blocks, options.num_tokens, sampler)
+    try:  # apply validates every ATS option and leaves the model untouched when one is bad
+        with configured(model, method):
+            pass
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{e} (from --blocks/--num-tokens/--sampler)") from None
+    if options.target_gmacs is not None:
+        if options.num_tokens is not None:
+            raise UserError("--num-tokens and --target-gmacs exclude each other: the target chooses the tokens")
+        check_target(model, method, calib, options.target_gmacs, options.batch_size)
+        say(f"finding K for {options.target_gmacs:g} GMACs")
+        method = budget_for(model, method, calib, options.target_gmacs, options.batch_size,
+                            f"{label} @ {options.target_gmacs:g} GMACs")
+    return [DENSE, method]
+
+
+def run_eval(options: EvalOptions) -> List[Result]:
+    """Evaluate and report; returns one result per table row."""
+    for name in ("batch_size", "calib_images", "timing_repeats"):
+        if getattr(options, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
+    if options.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {options.workers}")
+    device = torch.device(options.device)
+    model = load_model(options.model, options.checkpoint).to(device)
+    dataset = load_dataset(options.data, model, options.limit)
+    classes = num_classes(dataset)
+    loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=options.workers)
+    calib = first_images(dataset, options.calib_images).to(device)
+    methods = _methods(model, options, calib)
+
+    timing_batch = calib[:options.batch_size]
+    results = []
+    for method in methods:
+        result = evaluate_method(model, loader, method, device, classes)
+        result.images_per_s = model_throughput(model, method, timing_batch, repeats=options.timing_repeats)
+        results.append(result)
+        print(f"  {method.label}: top-1 {result.top1:.2f}%  {result.mean_gmacs:.4f} GMACs", flush=True)
+    _report(model, options, dataset, results, len(timing_batch))
+    return results
+
+
+def _rows(results: List[Result], dense: float) -> List[dict]:
+    base_speed = results[0].images_per_s
+    rows = []
+    for r in results:
+        kept = r.num_kept.mean(axis=0) if r.num_kept is not None else None
+        rows.append({
+            "method": r.method.label,
+            "family": r.method.family,
+            "blocks": list(r.method.blocks) if r.method.blocks else [],
+            "num_tokens": r.method.num_tokens,
+            "sampler": r.method.sampler if r.method.blocks else "",
+            "top1": round(r.top1, 2),
+            "top5": None if r.top5 is None else round(r.top5, 2),
+            "gmacs": round(r.mean_gmacs, 5),
+            "reduction_pct": round(100 * (1 - r.mean_gmacs / dense), 1),
+            "tokens_per_ats_block": [] if kept is None else [round(float(k), 1) for k in kept],
+            "model_images_per_s": round(r.images_per_s, 1),
+            "speedup": round(r.images_per_s / base_speed, 3),
+            "end_to_end_images_per_s": round(len(r.gmacs) / r.seconds, 1),
+        })
+    return rows
+
+
+def _report(model, options: EvalOptions, dataset, results: List[Result], timing_batch: int) -> None:
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dense = dense_gmacs(model)
+    rows = _rows(results, dense)
+    show = [{
+        "method": r["method"], "top-1": f"{r['top1']:.2f}",
+        **({"top-5": f"{r['top5']:.2f}"} if r["top5"] is not None else {}),
+        "GMACs": f"{r['gmacs']:.4f}", "reduction": f"{r['reduction_pct']:.1f}%",
+        "tokens per ATS block": " ".join(f"{k:.0f}" for k in r["tokens_per_ats_block"]) or "-",
+        "img/s (model)": f"{r['model_images_per_s']:.0f}", "speed-up": f"{r['speedup']:.2f}x",
+        "img/s (end-to-end)": f"{r['end_to_end_images_per_s']:.0f}",
+    } for r in rows]
+    print()
+    print(format_table(show, list(show[0])))
+    print(f"\n{len(dataset)} images; GMACs measured per image from the tokens kept. img/s (model): the model "
+          f"alone on one batch of {timing_batch} images, median of {options.timing_repeats} runs after warm-up, "
+          f"{options.device}, {torch.get_num_threads()} threads; end-to-end includes data loading.")
+
+    meta = {"model": options.model or "vit_fmnist_patch2_28 (bundled)", "checkpoint": options.checkpoint,
+            "data": options.data, "images": len(dataset), "calibration_images": options.calib_images,
+            "dense_gmacs": dense, "device": options.device, "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), "command": options.command,
+            "torch": torch.__version__}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    series = {}
+    for r in rows:
+        series.setdefault(r["family"], []).append((r["gmacs"], r["top1"]))
+    plot_accuracy_vs_gmacs(series, out / "accuracy_vs_gmacs.png", title=meta["model"])
+    ats = next((r for r in results if r.num_kept is not None and r.method.sampler == "inverse_transform"), None)
+    if ats is not None:
+        plot_token_histogram(ats.num_kept, ats.method.blocks, out / "tokens_per_block.png",
+                             title=f"patch tokens kept per image: {ats.method.label}")
+    print(f"wrote {out}/results.json, results.csv, accuracy_vs_gmacs.png"
+          + (", tokens_per_block.png" if ats is not None else ""))

@@ -1,0 +1,177 @@
+"""Measure accuracy, per-image GMACs and speed of a model dense and under token-reduction methods."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .errors import UserError
+from .flops import ViTCost
+from .patch.timm import apply, last_stats, remove
+from .timing import median_throughput
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of an evaluation: dense (``blocks`` None) or ATS with a sampler and budget."""
+    label: str
+    family: str
+    blocks: Optional[Tuple[int, ...]] = None
+    num_tokens: object = None
+    sampler: str = "inverse_transform"
+
+    def with_tokens(self, num_tokens, label: str) -> "Method":
+        return Method(label, self.family, self.blocks, num_tokens, self.sampler)
+
+
+DENSE = Method("dense", "dense")
+
+
+@contextmanager
+def configured(model: nn.Module, method: Method) -> Iterator[nn.Module]:
+    """``model`` patched for ``method`` inside the block, restored after it."""
+    if method.blocks is None:
+        yield model
+        return
+    apply(model, blocks=method.blocks, num_tokens=method.num_tokens, sampler=method.sampler)
+    try:
+        yield model
+    finally:
+        remove(model)
+
+
+@dataclass
+class Result:
+    method: Method
+    top1: float
+    top5: Optional[float]
+    gmacs: np.ndarray  # per image
+    num_kept: Optional[np.ndarray]  # (images, ATS blocks)
+    seconds: float  # whole pass, data loading included
+    images_per_s: float = float("nan")  # model only
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mean_gmacs(self) -> float:
+        return float(self.gmacs.mean())
+
+
+def dense_gmacs(model: nn.Module) -> float:
+    """GMACs of one image at the model's native input size."""
+    return ViTCost.of(model).dense_macs(model.patch_embed.num_patches, model.num_prefix_tokens) / 1e9
+
+
+def _forward_stats(model: nn.Module, method: Method, images: torch.Tensor, dense: float):
+    logits = model(images)
+    if method.blocks is None:
+        return logits, torch.full((len(images),), dense, dtype=torch.float64), None
+    stats = last_stats(model)
+    return logits, stats.gmacs.cpu(), stats.num_kept.cpu()
+
+
+@torch.no_grad()
+def evaluate_method(model: nn.Module, loader: DataLoader, method: Method, device: torch.device,
+                    classes: int) -> Result:
+    """Top-1/top-5 accuracy, per-image GMACs and tokens kept over ``loader``."""
+    dense = dense_gmacs(model)
+    correct1 = correct5 = 0
+    gmacs, kept = [], []
+    start = time.perf_counter()
+    with configured(model, method):
+        for images, labels in tqdm(loader, desc=method.label, leave=False):
+            logits, g, k = _forward_stats(model, method, images.to(device), dense)
+            top = logits.topk(min(5, classes), dim=-1).indices.cpu()
+            correct1 += int((top[:, 0] == labels).sum())
+            correct5 += int((top == labels[:, None]).any(dim=1).sum())
+            gmacs.append(g)
+            if k is not None:
+                kept.append(k)
+    seconds = time.perf_counter() - start
+    n = sum(len(g) for g in gmacs)
+    return Result(method, 100.0 * correct1 / n, 100.0 * correct5 / n if classes > 5 else None,
+                  torch.cat(gmacs).numpy(), torch.cat(kept).numpy() if kept else None, seconds)
+
+
+@torch.no_grad()
+def mean_gmacs(model: nn.Module, method: Method, images: torch.Tensor, batch_size: int) -> float:
+    """Mean GMACs per image of ``method`` on ``images`` (a calibration batch)."""
+    dense = dense_gmacs(model)
+    with configured(model, method):
+        return float(torch.cat([_forward_stats(model, method, chunk, dense)[1]
+                                for chunk in images.split(batch_size)]).mean())
+
+
+def match_gmacs(measure: Callable[[float], float], target: float, tolerance: float = 0.005,
+                iterations: int = 24) -> Tuple[float, float]:
+    """Bisect a knob in (0, 1] whose mean GMACs grows with it until it lands on ``target``.
+
+    Returns the knob and the GMACs it gives; the closest seen if ``tolerance`` is not reached.
+    """
+    lo, hi = 1e-4, 1.0
+    g_lo, g_hi = measure(lo), measure(hi)
+    best = min([(abs(g_lo - target), lo, g_lo), (abs(g_hi - target), hi, g_hi)])
+    for _ in range(iterations):
+        if best[0] <= tolerance * target:
+            break
+        mid = 0.5 * (lo + hi)
+        g = measure(mid)
+        best = min(best, (abs(g - target), mid, g))
+        lo, hi = (mid, hi) if g < target else (lo, mid)
+    return best[1], best[2]
+
+
+def budget_for(model: nn.Module, method: Method, images: torch.Tensor, target: float, batch_size: int,
+               label: str) -> Method:
+    """``method`` with ``num_tokens`` (a fraction) chosen so its mean GMACs on ``images`` hit ``target``."""
+    fraction, _ = match_gmacs(lambda f: mean_gmacs(model, method.with_tokens(f, label), images, batch_size), target)
+    return method.with_tokens(fraction, label)
+
+
+def check_target(model: nn.Module, method: Method, images: torch.Tensor, target: float, batch_size: int) -> None:
+    """A target must lie between one token per ATS block and dense."""
+    dense = dense_gmacs(model)
+    floor = mean_gmacs(model, method.with_tokens(1, "floor"), images, batch_size)
+    if not floor <= target <= dense:
+        raise UserError(f"--target-gmacs {target:g} is outside what this configuration can reach: "
+                        f"{floor:.4g} (one token per ATS block) to {dense:.4g} (dense)")
+
+
+def default_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
+                  reductions: Sequence[float] = (0.4, 0.5, 0.6),
+                  progress: Callable[[str], None] = lambda s: None) -> List[Method]:
+    """The paper's comparison on ``model``: dense; ATS in blocks 3..last, released (K = all
+    patches) and at ``reductions`` of dense GMACs; top-K and ATS in block 3 alone at each ATS row's
+    measured GMACs (block 3 alone only at the lower budgets). Budgets are found on ``images``
+    (a calibration batch)."""
+    depth = len(model.blocks)
+    multi = Method("ATS 3-{}".format(depth - 1), "ATS blocks 3-{}".format(depth - 1), tuple(range(3, depth)))
+    topk = Method("", "top-K blocks 3-{}".format(depth - 1), multi.blocks, sampler="topk")
+    single = Method("", "ATS block 3", (3,))
+    dense = dense_gmacs(model)
+    ats_rows = [multi.with_tokens(None, f"ATS 3-{depth - 1} released (K=all)")]
+    for r in reductions:
+        progress(f"finding the ATS budget for {r:.0%} fewer GMACs")
+        ats_rows.append(budget_for(model, multi, images, (1 - r) * dense, batch_size, f"ATS 3-{depth - 1} -{r:.0%}"))
+    methods = [DENSE, *ats_rows]
+    for row in ats_rows:
+        target = mean_gmacs(model, row, images, batch_size)
+        progress(f"matching top-K{' and single-block ATS' if row is not ats_rows[0] else ''} to {row.label} "
+                 f"({target:.4g} GMACs)")
+        methods.append(budget_for(model, topk, images, target, batch_size, f"top-K 3-{depth - 1} = {row.label}"))
+        if row is not ats_rows[0]:
+            methods.append(budget_for(model, single, images, target, batch_size, f"ATS 3 only = {row.label}"))
+    return methods
+
+
+def model_throughput(model: nn.Module, method: Method, batch: torch.Tensor, warmup: int = 2,
+                     repeats: int = 5) -> float:
+    """Images per second of the model alone on ``batch`` (median of ``repeats`` timed runs)."""
+    with configured(model, method):
+        return median_throughput(model, batch, warmup=warmup, repeats=repeats)

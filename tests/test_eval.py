@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ats_vit.cli import main
+from ats_vit.evaluate import match_gmacs
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """Random-init weights of the bundled architecture, saved as a user would save their own."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_fmnist_patch2_28", num_classes=3)
+    path = folder / "mine.safetensors"
+    save_file(model.state_dict(), str(path))
+    (folder / "mine.json").write_text(json.dumps({"model": "vit_fmnist_patch2_28"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """An ImageNet-style folder: class sub-folders, files of several sizes and modes."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["boot", "coat", "shirt"]):
+        (root / name).mkdir()
+        for i, (size, mode) in enumerate([((40, 30), "RGB"), ((28, 28), "L"), ((64, 50), "RGBA")]):
+            pixels = rng.integers(0, 255, size=(size[1], size[0], len(mode)), dtype=np.uint8)
+            Image.fromarray(pixels.squeeze(), mode).save(root / name / f"{i}.{'jpg' if mode == 'RGB' else 'png'}")
+    return root
+
+
+def run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(err: str) -> bool:
+    """Exactly one error line and no traceback (progress bars may share stderr)."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "error" in line.lower()]
+    return len(lines) == 1 and lines[0].startswith("ats-vit: error: ") and "Traceback" not in err
+
+
+def test_eval_on_image_folder_with_local_checkpoint(tiny_checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "ev"
+    code, stdout, _ = run(["eval", "--model", "vit_fmnist_patch2_28", "--checkpoint", str(tiny_checkpoint),
+                           "--data", str(image_folder), "--blocks", "3-11", "--num-tokens", "0.5",
+                           "--workers", "0", "--timing-repeats", "1", "--out", str(out)], capsys)
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
+    assert [r["method"] for r in rows][0] == "dense" and len(rows) == 2
+    assert result["meta"]["images"] == 9
+    dense, ats = rows
+    assert ats["gmacs"] < dense["gmacs"] and ats["reduction_pct"] > 0
+    assert len(ats["tokens_per_ats_block"]) == 9 and ats["tokens_per_ats_block"][0] <= 98
+    assert dense["top5"] is None  # 3 classes: top-5 is meaningless
+    for name in ["results.csv", "accuracy_vs_gmacs.png", "tokens_per_block.png"]:
+        assert (out / name).stat().st_size > 0
+    assert "dense" in stdout and "ATS blocks" in stdout
+
+
+def test_weights_file_with_metadata_as_model(tiny_checkpoint, image_folder, tmp_path, capsys):
+    code, _, err = run(["eval", "--model", str(tiny_checkpoint), "--data", str(image_folder), "--limit", "4",
+                        "--blocks", "3", "--workers", "0", "--timing-repeats", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["images"] == 4
+
+
+def test_target_gmacs_lands_on_target(tiny_checkpoint, image_folder, tmp_path, capsys):
+    code, _, err = run(["eval", "--model", str(tiny_checkpoint), "--data", str(image_folder), "--target-gmacs", "0.06",
+                        "--calib-images", "9", "--workers", "0", "--timing-repeats", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    ats = json.loads((tmp_path / "results.json").read_text())["rows"][1]
+    assert abs(ats["gmacs"] - 0.06) / 0.06 < 0.02
+
+
+def test_full_suite_rows(tiny_checkpoint, image_folder, tmp_path, capsys):
+    code, _, err = run(["eval", "--model", str(tiny_checkpoint), "--data", str(image_folder), "--calib-images", "9",
+                        "--reductions", "0.4,0.6", "--workers", "0", "--timing-repeats", "1", "--out", str(tmp_path)],
+                       capsys)
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert len(rows) == 1 + 3 + 3 + 2
+    for r in (0.4, 0.6):
+        ats = rows[f"ATS 3-11 -{r:.0%}"]
+        assert abs(ats["reduction_pct"] - 100 * r) < 2
+        for rival in (f"top-K 3-11 = ATS 3-11 -{r:.0%}", f"ATS 3 only = ATS 3-11 -{r:.0%}"):
+            assert abs(rows[rival]["gmacs"] - ats["gmacs"]) / ats["gmacs"] < 0.02
+            assert rows[rival]["blocks"] == ([3] if "only" in rival else list(range(3, 12)))
+
+
+def test_match_gmacs_bisects_a_monotone_knob():
+    knob, value = match_gmacs(lambda f: 10 * f ** 2 + 1, target=4.0, tolerance=1e-4)
+    assert abs(value - 4.0) <= 4e-4 and abs(knob - (0.3 ** 0.5)) < 1e-3
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--data", "/nonexistent/folder"], "neither 'fashion-mnist' nor a folder"),
+    (["--model", "no_such_model_xyz"], "unknown timm model"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--target-gmacs", "5.0"], "outside what this configuration can reach"),
+    (["--target-gmacs", "0.0001"], "outside what this configuration can reach"),
+    (["--sampler", "nope"], "sampler must be one of"),
+])
+def test_bad_input_one_line_error(args, match, tiny_checkpoint, image_folder, tmp_path, capsys):
+    base = ["eval", "--model", str(tiny_checkpoint), "--data", str(image_folder), "--workers", "0",
+            "--calib-images", "3", "--out", str(tmp_path)]
+    code, _, err = run(base + args, capsys)
+    assert code == 2
+    assert match in err and one_error_line(err)
+
+
+def test_empty_folder_and_checkpoint_that_does_not_fit(tiny_checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(["eval", "--model", str(tiny_checkpoint), "--data", str(empty), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--data" in err and one_error_line(err)
+    code, _, err = run(["eval", "--model", "deit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint),
+                        "--data", str(empty), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "does not fit deit_tiny_patch16_224" in err and one_error_line(err)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_corrupt_image_is_named(tiny_checkpoint, image_folder, tmp_path, capsys, workers):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "coat" / "broken.png").write_bytes(b"not a png at all")
+    code, _, err = run(["eval", "--model", str(tiny_checkpoint), "--data", str(data), "--blocks", "3",
+                        "--workers", workers, "--calib-images", "2", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "broken.png" in err and one_error_line(err)
