@@ -10,13 +10,17 @@ STAMP := $(VENV)/.ats-vit-installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@# Fashion-MNIST from Debian's package when apt is there; elsewhere torchvision downloads it.
+	test -d /usr/share/datasets/fashion-mnist || ! command -v apt-get >/dev/null || \
+		apt-get install -y -q dataset-fashion-mnist || \
+		(apt-get update -q && apt-get install -y -q dataset-fashion-mnist) || true
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/ats-vit demo
+	$(VENV)/bin/ats-vit eval --out runs/eval
 
 test: setup
 	$(PY) -m pytest -q

@@ -121,6 +121,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _viz(args: argparse.Namespace) -> int:
+    from .viz_job import VizOptions, run_viz
+
+    run_viz(VizOptions(images=args.images, fashion_mnist=args.fashion_mnist, model=args.model,
+                       checkpoint=args.checkpoint, blocks=args.blocks, num_tokens=args.num_tokens,
+                       sampler=args.sampler, out=args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ats-vit", description="Adaptive Token Sampling for timm Vision Transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--timing-repeats", type=int, default=5)
     ev.add_argument("--out", default="runs/eval")
     ev.set_defaults(run=_eval)
+
+    vz = sub.add_parser("viz", help="draw, per image, the patches each ATS block kept")
+    vz.add_argument("images", nargs="*", help="image files (PNG, JPEG, any size and mode)")
+    vz.add_argument("--fashion-mnist", type=int, default=0, metavar="N", help="also draw the first N test images")
+    vz.add_argument("--model", default=None, help="timm model name or weights file (default: bundled model)")
+    vz.add_argument("--checkpoint", default=None)
+    vz.add_argument("--blocks", type=_parse_blocks, default=None)
+    vz.add_argument("--num-tokens", type=_parse_budget, default=None)
+    vz.add_argument("--sampler", default="inverse_transform")
+    vz.add_argument("--out", default="runs/viz")
+    vz.set_defaults(run=_viz)
     return parser
 
 

@@ -77,7 +77,8 @@ def eval_transform(model: nn.Module):
     return transforms.Compose([transforms.Lambda(lambda im: im.convert(mode)), create_transform(**config)])
 
 
-def _read_image(path: str) -> Image.Image:
+def read_image(path: str) -> Image.Image:
+    """Open an image file fully, or raise a UserError naming it."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
@@ -97,7 +98,7 @@ def load_dataset(data: str, model: nn.Module, limit: Optional[int] = None, root:
         if not folder.is_dir():
             raise UserError(f"--data: {data} is neither 'fashion-mnist' nor a folder")
         try:
-            dataset = datasets.ImageFolder(str(folder), transform=transform, loader=_read_image)
+            dataset = datasets.ImageFolder(str(folder), transform=transform, loader=read_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"--data {data}: {e}") from None
     if limit is not None:

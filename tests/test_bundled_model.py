@@ -1,0 +1,32 @@
+"""The model that ships with the project loads through timm and is as accurate as its metadata says."""
+import json
+
+import timm
+from safetensors.torch import load_file
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import ats_vit
+from ats_vit.data import fashion_mnist
+from ats_vit.loading import eval_transform
+from ats_vit.zoo import FMNIST_MODEL, FMNIST_WEIGHTS
+
+
+def test_bundled_weights_load_through_timm_and_classify_fashion_mnist():
+    model = timm.create_model(FMNIST_MODEL, pretrained=True).eval()
+
+    weights = load_file(str(FMNIST_WEIGHTS))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert model.patch_embed.num_patches == 196 and len(model.blocks) == 12 and model.has_class_token
+
+    meta = json.loads(FMNIST_WEIGHTS.with_suffix(".json").read_text())
+    test_set = Subset(fashion_mnist(train=False, transform=eval_transform(model)), range(1000))
+    correct = kept = 0
+    ats_model = ats_vit.apply(timm.create_model(FMNIST_MODEL, pretrained=True).eval())
+    with torch.no_grad():
+        for images, labels in DataLoader(test_set, batch_size=250):
+            correct += int((model(images).argmax(-1) == labels).sum())
+            kept += int((ats_model(images).argmax(-1) == labels).sum())
+    # the first 1000 test images, dense and under the released ATS configuration
+    assert correct / 10 >= meta["test_top1"] - 3.0
+    assert kept / 10 >= correct / 10 - 2.0
