@@ -28,7 +28,7 @@ def image_folder(tmp_path_factory):
     """An ImageNet-style folder: class sub-folders, files of several sizes and modes."""
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    for c, name in enumerate(["boot", "coat", "shirt"]):
+    for name in ["boot", "coat", "shirt"]:
         (root / name).mkdir()
         for i, (size, mode) in enumerate([((40, 30), "RGB"), ((28, 28), "L"), ((64, 50), "RGBA")]):
             pixels = rng.integers(0, 255, size=(size[1], size[0], len(mode)), dtype=np.uint8)

@@ -2,7 +2,6 @@ import json
 
 import pytest
 
-from ats_vit.cli import main
 from ats_vit.evaluate import match_gmacs
 from conftest import one_error_line, run
 
@@ -97,3 +96,21 @@ def test_corrupt_image_is_named(tiny_checkpoint, image_folder, tmp_path, capsys,
     code, _, err = run(["eval", "--model", str(tiny_checkpoint), "--data", str(data), "--blocks", "3",
                         "--workers", workers, "--calib-images", "2", "--out", str(tmp_path)], capsys)
     assert code == 2 and "broken.png" in err and one_error_line(err)
+
+
+def test_imagenet_style_model_and_folder(image_folder, tmp_path, capsys):
+    """`--model deit_... --checkpoint FILE --data FOLDER`: RGB, resize and crop to 224 by timm's transforms."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "deit_tiny.safetensors"
+    save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), str(weights))
+    code, _, err = run(["eval", "--model", "deit_tiny_patch16_224", "--checkpoint", str(weights),
+                        "--data", str(image_folder), "--limit", "4", "--num-tokens", "100", "--workers", "0",
+                        "--timing-repeats", "1", "--out", str(tmp_path / "ev")], capsys)
+    assert code == 0, err
+    dense, ats = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
+    assert dense["gmacs"] == pytest.approx(1.258, abs=5e-3)  # DeiT-Ti at 224: 196 patch tokens
+    assert ats["tokens_per_ats_block"][0] <= 100 and ats["gmacs"] < dense["gmacs"]

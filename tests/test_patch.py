@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ats_vit
-from reference import make_vit, reference_forward, slow_topk
+from reference import make_vit, reference_forward, slow_its, slow_topk
 
 
 def images(n: int, size: int = 96, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
@@ -44,8 +44,9 @@ def test_topk_sampler_matches_slow_reference(deit_s64):
     with torch.no_grad():
         logits = model(x)
         for b in range(2):
+            budgets = iter([100, 50])  # K of block 4, then of block 7
             ref_logits, _ = reference_forward(deit_s64, x[b:b + 1], [4, 7], None,
-                                              rule=lambda s, _k, it=iter([100, 50]): slow_topk(s, next(it)))
+                                              rule=lambda s, _k: slow_topk(s, next(budgets)))
             assert torch.allclose(logits[b], ref_logits, atol=1e-9, rtol=0)
     assert ats_vit.last_stats(model).num_kept.tolist() == [[100, 50], [100, 50]]
 
@@ -129,7 +130,7 @@ def test_variants_match_reference(variant, fused):
     for b in range(2):
         with torch.no_grad():
             ref, kept = reference_forward(base, x[b:b + 1], range(3, 12), None,
-                                          rule=lambda s, _k: __import__("reference").slow_its(s, max(1, round(0.8 * len(s)))))
+                                          rule=lambda s, _k: slow_its(s, max(1, round(0.8 * len(s)))))
         assert torch.allclose(logits[b], ref, atol=1e-9, rtol=0)
         assert stats.kept_positions(b, 11) == kept[11]
 

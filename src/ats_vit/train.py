@@ -7,7 +7,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -53,13 +53,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
 
 
 def fit(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: Path,
-        device: torch.device = torch.device("cpu"),
+        device: Optional[torch.device] = None,
         on_epoch: Callable[[Dict], None] = lambda row: None) -> List[Dict]:
     """Train ``model``; after each epoch evaluate, log (CSV and JSON lines) and save weights.
 
     Writes ``out_dir/log.csv``, ``out_dir/log.jsonl``, ``out_dir/last.safetensors`` and
     ``out_dir/last_state.pt`` (optimizer, scheduler, epoch).
     """
+    device = device or torch.device("cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(config.seed)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
