@@ -53,12 +53,16 @@ def slow_scores(attn: torch.Tensor, v: torch.Tensor, prefix: int) -> list[float]
 
 def make_vit(name: str = "deit_small_patch16_224", sharpen: float = 3.0, seed: int = 0, **kwargs):
     """A random-weight timm ViT in eval mode. Scaling the qkv weights makes attention peaked, as
-    in trained models, so that ATS keeps different token counts for different images."""
+    in trained models, so that ATS keeps different token counts for different images; LayerScale
+    starts near zero at initialisation and would hide the blocks, so it is set to 0.5."""
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     with torch.no_grad():
         for blk in model.blocks:
             blk.attn.qkv.weight.mul_(sharpen)
+        for module in model.modules():
+            if hasattr(module, "gamma"):
+                module.gamma.fill_(0.5)
     return model
 
 

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..block import Tokens, ats_block, dense_block
+from ..block import Layout, Tokens, ats_block, dense_block
 from ..flops import ViTCost
 from ..registry import get_sampler
 from ..stats import ATSStats
@@ -26,6 +26,7 @@ _CONFIG = "_ats_config"
 _LAST = "_ats_last"
 _VALID = "_ats_valid"
 _POOLS = ("", "token", "avg", "max", "avgmax")
+MODES = ("packed", "padded")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ATSConfig:
     blocks: Tuple[int, ...]
     num_tokens: Tuple[TokenBudget, ...]
     sampler: str
+    mode: str
     cost: ViTCost
     original_class: type
 
@@ -109,6 +111,7 @@ def apply(
         blocks: Union[None, int, Sequence[int]] = None,
         num_tokens: Union[TokenBudget, Sequence[TokenBudget]] = None,
         sampler: str = "inverse_transform",
+        mode: str = "packed",
 ) -> nn.Module:
     """Put ATS into ``model`` in place and return it.
 
@@ -121,12 +124,17 @@ def apply(
             tokens entering the block, per image, rounded, at least 1), or a list of those, one per
             ATS block.
         sampler: a name from :func:`ats_vit.list_samplers` (``"inverse_transform"``, ``"topk"``).
+        mode: ``"packed"`` runs the layers after an ATS block on the kept tokens only;
+            ``"padded"`` pads every image to the batch's largest count, as the released
+            implementation does. Both compute the same outputs.
     """
     _check_model(model)
     block_ids = _check_blocks(blocks, len(model.blocks))
     budgets = _check_num_tokens(num_tokens, len(block_ids))
     get_sampler(sampler)
-    config = ATSConfig(block_ids, budgets, sampler, ViTCost.of(model), type(model))
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    config = ATSConfig(block_ids, budgets, sampler, mode, ViTCost.of(model), type(model))
     model.__class__ = _patched_class(type(model))
     setattr(model, _CONFIG, config)
     setattr(model, _LAST, None)
@@ -164,7 +172,7 @@ def _budget(value: TokenBudget, tokens: Tokens, num_patches: int, num_prefix: in
     if value is None:
         return num_patches
     if isinstance(value, float):
-        entering = (tokens.counts() - num_prefix).to(torch.float64)
+        entering = (tokens.layout.counts() - num_prefix).to(torch.float64)
         return (entering * value).round().clamp(min=1).long()
     return value
 
@@ -186,8 +194,9 @@ class _ATSVisionTransformer:
         def run(fn, *args):
             return checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
 
-        tokens = Tokens(x, None, torch.arange(n, device=x.device).expand(B, n))
-        counts, positions = [tokens.counts()], []
+        layout = Layout.dense(B, N, x.device, packed=config.mode == "packed")
+        tokens = Tokens(x.flatten(0, 1), layout, torch.arange(n, device=x.device).expand(B, n))
+        counts, positions = [layout.counts()], []
         budgets = dict(zip(config.blocks, config.num_tokens))
         for i, blk in enumerate(self.blocks):
             if i in budgets:
@@ -196,10 +205,10 @@ class _ATSVisionTransformer:
                 positions.append(tokens.positions)
             else:
                 tokens = run(dense_block, blk, tokens)
-            counts.append(tokens.counts())
+            counts.append(tokens.layout.counts())
 
         token_counts = torch.stack(counts, dim=1)
-        setattr(self, _VALID, tokens.valid)
+        setattr(self, _VALID, tokens.layout.valid)
         setattr(self, _LAST, ATSStats(
             blocks=config.blocks,
             num_patches=n,
@@ -209,7 +218,7 @@ class _ATSVisionTransformer:
             gmacs=config.cost.macs(n, token_counts) / 1e9,
             dense_gmacs=config.cost.dense_macs(n, P) / 1e9,
         ))
-        return self.norm(tokens.x)
+        return self.norm(tokens.padded())
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
