@@ -109,8 +109,9 @@ def _drop_path(module: nn.Module, y: Tensor, layout: Layout) -> Tensor:
     return y * keep[layout.image_of_row()][:, None]
 
 
-def _block_tail(block: nn.Module, x: Tensor, h: Tensor, out: Tensor, layout: Layout) -> Tensor:
-    """From the attention output (T, D) on: output norm, gate, projection, residuals and MLP."""
+def _block_tail(block: nn.Module, x: Tensor, h: Optional[Tensor], out: Tensor, layout: Layout) -> Tensor:
+    """From the attention output (T, D) on: output norm, gate (on the normed input ``h``, needed
+    only when the attention has a gate), projection, residuals and MLP."""
     attn = block.attn
     out = attn.norm(out)
     gate = getattr(attn, "gate", None)
@@ -199,6 +200,7 @@ def ats_block(
         if layout.packed:  # each real token's row in the new packed tensor, in (image, token) order
             new_layout.index = (valid.flatten().cumsum(0).view_as(valid) - 1).masked_fill(~valid, 0)
     flat_rows = new_layout.unpad(rows)
-    y = _block_tail(block, tokens.x[flat_rows], h[flat_rows], new_layout.unpad(out), new_layout)
+    h_kept = h[flat_rows] if getattr(attn, "gate", None) is not None else None
+    y = _block_tail(block, tokens.x[flat_rows], h_kept, new_layout.unpad(out), new_layout)
     positions = tokens.positions.gather(1, index.clamp(min=0)).masked_fill(padded, -1)
     return Tokens(y, new_layout, positions), index

@@ -130,6 +130,15 @@ def _viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, run_bench
+
+    run_bench(BenchOptions(cases=args.case, batch_sizes=args.batch_sizes, dtypes=args.dtypes, compile=args.compile,
+                           warmup=args.warmup, repeats=args.repeats, reduction=args.reduction, device=args.device,
+                           out=args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ats-vit", description="Adaptive Token Sampling for timm Vision Transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--sampler", default="inverse_transform")
     vz.add_argument("--out", default="runs/viz")
     vz.set_defaults(run=_viz)
+
+    bn = sub.add_parser("bench", help="model-only throughput: dense vs ATS packed vs ATS padded, realisation ratio")
+    bn.add_argument("--case", type=lambda t: t.split(","), default=["deit_s", "bundled"],
+                    help="deit_s (DeiT-S shape at 224, random weights), bundled (Fashion-MNIST ViT, real images)")
+    bn.add_argument("--batch-sizes", type=lambda t: [int(v) for v in t.split(",")], default=[1, 8, 64])
+    bn.add_argument("--dtypes", type=lambda t: t.split(","), default=["float32", "bfloat16"])
+    bn.add_argument("--compile", action="store_true", help="time torch.compile'd models")
+    bn.add_argument("--warmup", type=int, default=3)
+    bn.add_argument("--repeats", type=int, default=10)
+    bn.add_argument("--reduction", type=float, default=0.375, help="GMACs reduction of the deit_s ATS budget")
+    bn.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bn.add_argument("--out", default="runs/bench")
+    bn.set_defaults(run=_bench)
     return parser
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,9 +26,10 @@ class Method:
     blocks: Optional[Tuple[int, ...]] = None
     num_tokens: object = None
     sampler: str = "inverse_transform"
+    mode: str = "packed"
 
     def with_tokens(self, num_tokens, label: str) -> "Method":
-        return Method(label, self.family, self.blocks, num_tokens, self.sampler)
+        return replace(self, label=label, num_tokens=num_tokens)
 
 
 DENSE = Method("dense", "dense")
@@ -40,7 +41,7 @@ def configured(model: nn.Module, method: Method) -> Iterator[nn.Module]:
     if method.blocks is None:
         yield model
         return
-    apply(model, blocks=method.blocks, num_tokens=method.num_tokens, sampler=method.sampler)
+    apply(model, blocks=method.blocks, num_tokens=method.num_tokens, sampler=method.sampler, mode=method.mode)
     try:
         yield model
     finally:

@@ -1,12 +1,14 @@
 """Wall-clock timing of a model alone: warm-up, then the median of repeated runs."""
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from typing import Callable, List
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 
 def _sync(device: torch.device) -> None:
@@ -33,3 +35,23 @@ def median_throughput(model: nn.Module, batch: torch.Tensor, warmup: int = 2, re
     """Images per second of ``model`` on ``batch`` (the median run)."""
     times = time_runs(lambda: model(batch), batch.device, warmup, repeats)
     return len(batch) / statistics.median(times)
+
+
+@torch.no_grad()
+def peak_forward_bytes(model: nn.Module, batch: torch.Tensor) -> int:
+    """Peak bytes allocated during one forward, above what was allocated before it.
+
+    On CUDA this is the caching allocator's own peak; on the CPU, where torch keeps no such
+    statistic, it is the running total of the profiler's allocation and free events."""
+    if batch.device.type == "cuda":
+        torch.cuda.synchronize(batch.device)
+        base = torch.cuda.memory_allocated(batch.device)
+        torch.cuda.reset_peak_memory_stats(batch.device)
+        model(batch)
+        torch.cuda.synchronize(batch.device)
+        return torch.cuda.max_memory_allocated(batch.device) - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(batch)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return max(itertools.accumulate(e.nbytes() for e in events), default=0)

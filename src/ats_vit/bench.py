@@ -1,0 +1,129 @@
+"""Model-only throughput of dense against ATS (packed and padded), and how much of the ideal
+speed-up (dense GMACs over ATS GMACs) turns into wall-clock time: the realisation ratio."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .evaluate import DENSE, Method, budget_for, configured, dense_gmacs
+from .patch.timm import last_stats
+from .report import format_table
+from .timing import peak_forward_bytes, time_runs
+
+CASES = ("deit_s", "bundled")
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BenchOptions:
+    cases: Sequence[str] = CASES
+    batch_sizes: Sequence[int] = (1, 8, 64)
+    dtypes: Sequence[str] = ("float32", "bfloat16")
+    compile: bool = False
+    warmup: int = 3
+    repeats: int = 10
+    reduction: float = 0.375  # deit_s budget: the GMACs reduction its ATS rows are tuned to
+    device: str = "cpu"
+    out: str = "runs/bench"
+    seed: int = 0
+    rows: List[Dict] = field(default_factory=list)
+
+
+def _case(name: str, options: BenchOptions, device: torch.device):
+    """(model, input pool, ATS methods) of a benchmark case."""
+    import timm
+
+    if name == "deit_s":
+        torch.manual_seed(options.seed)
+        model = timm.create_model("deit_small_patch16_224").eval().to(device)
+        pool = torch.randn(max(options.batch_sizes), 3, 224, 224, device=device)
+        ats = Method("ATS 3-11", "ATS", tuple(range(3, 12)))
+        ats = budget_for(model, ats, pool, (1 - options.reduction) * dense_gmacs(model), max(options.batch_sizes),
+                         f"ATS 3-11 -{options.reduction:.1%}")
+        return model, pool, ats
+    if name == "bundled":
+        from .loading import first_images, load_dataset, load_model
+
+        model = load_model().to(device)
+        pool = first_images(load_dataset("fashion-mnist", model), max(options.batch_sizes)).to(device)
+        return model, pool, Method("ATS 3-11 released (K=196)", "ATS", tuple(range(3, 12)))
+    raise UserError(f"--case must be among {list(CASES)}, got {name!r}")
+
+
+def _measure(model: nn.Module, method: Method, batch: torch.Tensor, dtype: Optional[torch.dtype],
+             options: BenchOptions) -> Dict:
+    autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    with configured(model, method), autocast:
+        runner = torch.compile(model) if options.compile else model
+        times = time_runs(lambda: runner(batch), batch.device, options.warmup, options.repeats)
+        memory = peak_forward_bytes(model, batch)
+        if method.blocks is None:
+            gmacs, tokens = dense_gmacs(model), []
+        else:
+            stats = last_stats(model)
+            gmacs = float(stats.gmacs.mean())
+            tokens = [round(float(t), 1) for t in stats.num_kept.double().mean(0)]
+    median = statistics.median(times)
+    return {"images_per_s": len(batch) / median, "latency_ms": 1000 * median, "peak_mb": memory / 2 ** 20,
+            "gmacs": gmacs, "tokens_per_ats_block": tokens, "runs": len(times)}
+
+
+def run_bench(options: BenchOptions) -> List[Dict]:
+    """Measure every case, batch size, dtype and method; print a table and write JSON."""
+    if options.repeats < 10 or options.warmup < 1:
+        raise UserError("--repeats must be >= 10 and --warmup >= 1 for a median worth reporting")
+    for dtype in options.dtypes:
+        if dtype not in DTYPES:
+            raise UserError(f"--dtypes must be among {list(DTYPES)}, got {dtype!r}")
+    device = torch.device(options.device)
+    rows = []
+    for case in options.cases:
+        model, pool, ats = _case(case, options, device)
+        methods = [DENSE, Method(f"{ats.label} packed", "ATS", ats.blocks, ats.num_tokens),
+                   Method(f"{ats.label} padded", "ATS", ats.blocks, ats.num_tokens, mode="padded")]
+        for dtype in options.dtypes:
+            for bs in options.batch_sizes:
+                batch = pool[:bs]  # the same inputs for every method
+                dense = None
+                for method in methods:
+                    row = {"case": case, "dtype": dtype, "batch": bs, "method": method.label,
+                           **_measure(model, method, batch, DTYPES[dtype], options)}
+                    dense = dense or row
+                    row["ideal_speedup"] = dense["gmacs"] / row["gmacs"]
+                    row["speedup"] = row["images_per_s"] / dense["images_per_s"]
+                    row["realisation"] = row["speedup"] / row["ideal_speedup"]
+                    rows.append(row)
+                    print(f"{case} {dtype} batch {bs} {method.label}: {row['images_per_s']:.1f} img/s, "
+                          f"speed-up {row['speedup']:.2f} of ideal {row['ideal_speedup']:.2f}", flush=True)
+    _report(rows, options)
+    return rows
+
+
+def _report(rows: List[Dict], options: BenchOptions) -> None:
+    show = [{"case": r["case"], "dtype": r["dtype"], "batch": r["batch"], "method": r["method"],
+             "img/s": f"{r['images_per_s']:.1f}", "latency ms": f"{r['latency_ms']:.1f}",
+             "peak MB": f"{r['peak_mb']:.0f}", "GMACs": f"{r['gmacs']:.3f}",
+             "tokens/ATS block": " ".join(f"{t:.0f}" for t in r["tokens_per_ats_block"]) or "-",
+             "ideal": f"{r['ideal_speedup']:.2f}x", "measured": f"{r['speedup']:.2f}x",
+             "realisation": f"{r['realisation']:.2f}"} for r in rows]
+    print()
+    print(format_table(show, list(show[0])))
+    machine = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "device": options.device, "torch": torch.__version__, "compile": options.compile,
+               "warmup": options.warmup, "repeats": options.repeats}
+    if options.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name()
+    print(f"\nmodel only, median of {options.repeats} runs after {options.warmup} warm-up runs; {machine}")
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out / 'bench.json'}")

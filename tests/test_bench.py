@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+
+import ats_vit
+from ats_vit.timing import peak_forward_bytes, time_runs
+from conftest import one_error_line, run
+from reference import make_vit
+
+
+def test_bench_bundled_model_reports_every_column(tmp_path, capsys):
+    code, out, err = run(["bench", "--case", "bundled", "--batch-sizes", "1,4", "--dtypes", "float32,bfloat16",
+                          "--warmup", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert len(rows) == 2 * 2 * 3  # dtypes x batch sizes x (dense, packed, padded)
+    for r in rows:
+        assert r["runs"] == 10 and r["images_per_s"] > 0 and r["peak_mb"] > 0
+        assert r["realisation"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
+        assert r["ideal_speedup"] == pytest.approx(rows[0]["gmacs"] / r["gmacs"])
+        if r["method"] != "dense":
+            assert len(r["tokens_per_ats_block"]) == 9 and r["gmacs"] < rows[0]["gmacs"]
+    packed = [r for r in rows if r["method"].endswith("packed")]
+    padded = [r for r in rows if r["method"].endswith("padded")]
+    assert [r["gmacs"] for r in packed] == [r["gmacs"] for r in padded]  # same images, same tokens
+    assert "realisation" in out
+
+
+@pytest.mark.parametrize("args,match", [(["--repeats", "5"], "--repeats"), (["--dtypes", "float16x"], "--dtypes"),
+                                        (["--case", "resnet"], "--case")])
+def test_bench_bad_input(args, match, capsys):
+    code, _, err = run(["bench", "--batch-sizes", "1", *args], capsys)
+    assert code == 2 and match in err and one_error_line(err)
+
+
+def test_peak_memory_grows_with_batch():
+    model = make_vit("deit_tiny_patch16_224", img_size=64)
+    small = peak_forward_bytes(model, torch.randn(1, 3, 64, 64))
+    large = peak_forward_bytes(model, torch.randn(8, 3, 64, 64))
+    assert 0 < small < large and large > 4 * small
+
+
+def test_time_runs_counts_repeats():
+    calls = []
+    times = time_runs(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=10)
+    assert len(times) == 10 and len(calls) == 12 and all(t >= 0 for t in times)
+
+
+def test_torch_compile_gives_the_same_outputs():
+    model = ats_vit.apply(make_vit("deit_small_patch16_224", img_size=64), num_tokens=0.8)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, backend="aot_eager")(x)
+    assert torch.allclose(eager, compiled, atol=1e-5)
+    assert ats_vit.last_stats(model).num_kept.shape == (4, 9)
