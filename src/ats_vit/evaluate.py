@@ -33,6 +33,7 @@ class Method:
 
 
 DENSE = Method("dense", "dense")
+ITS_MAX_GRID = 4
 
 
 @contextmanager
@@ -130,9 +131,19 @@ def match_gmacs(measure: Callable[[float], float], target: float, tolerance: flo
 
 def budget_for(model: nn.Module, method: Method, images: torch.Tensor, target: float, batch_size: int,
                label: str) -> Method:
-    """``method`` with ``num_tokens`` (a fraction) chosen so its mean GMACs on ``images`` hit ``target``."""
-    fraction, _ = match_gmacs(lambda f: mean_gmacs(model, method.with_tokens(f, label), images, batch_size), target)
-    return method.with_tokens(fraction, label)
+    """``method`` with ``num_tokens`` chosen so its mean GMACs on ``images`` hit ``target``.
+
+    Top-K takes a fraction of the tokens entering each block. Inverse transform sampling keeps
+    fewer distinct tokens than it has grid points, so it takes one K for every ATS block, from 1
+    up to ``ITS_MAX_GRID`` times the patch count: the released K (the patch count) is inside that
+    range, not its top."""
+    def budget(knob: float):
+        if method.sampler != "inverse_transform":
+            return knob
+        return max(1, round(knob * ITS_MAX_GRID * model.patch_embed.num_patches))
+
+    knob, _ = match_gmacs(lambda f: mean_gmacs(model, method.with_tokens(budget(f), label), images, batch_size), target)
+    return method.with_tokens(budget(knob), label)
 
 
 def check_target(model: nn.Module, method: Method, images: torch.Tensor, target: float, batch_size: int) -> None:
