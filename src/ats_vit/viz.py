@@ -62,7 +62,7 @@ def plot_token_histogram(num_kept: np.ndarray, blocks: Sequence[int], path: Unio
 
 
 # Token maps: plain pixel compositing (PIL), so every panel's pixels map exactly onto patches.
-DROPPED_FILL = (24, 24, 24)
+DROPPED_FILL = (64, 96, 168)  # a colour no grey-scale picture has, so dropped patches stand out
 PANEL_PIXELS = 224  # inputs smaller than this are enlarged by an integer factor for display
 TITLE_HEIGHT = 14
 GAP = 6
