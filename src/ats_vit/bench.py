@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -17,7 +16,7 @@ from .errors import UserError
 from .evaluate import DENSE, Method, budget_for, configured, dense_gmacs
 from .patch.timm import last_stats
 from .report import format_table
-from .timing import peak_forward_bytes, time_runs
+from .timing import median_throughput, peak_forward_bytes
 
 CASES = ("deit_s", "bundled")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -35,7 +34,6 @@ class BenchOptions:
     device: str = "cpu"
     out: str = "runs/bench"
     seed: int = 0
-    rows: List[Dict] = field(default_factory=list)
 
 
 def _case(name: str, options: BenchOptions, device: torch.device):
@@ -47,8 +45,8 @@ def _case(name: str, options: BenchOptions, device: torch.device):
         model = timm.create_model("deit_small_patch16_224").eval().to(device)
         pool = torch.randn(max(options.batch_sizes), 3, 224, 224, device=device)
         ats = Method("ATS 3-11", "ATS", tuple(range(3, 12)))
-        ats = budget_for(model, ats, pool, (1 - options.reduction) * dense_gmacs(model), max(options.batch_sizes),
-                         f"ATS 3-11 -{options.reduction:.1%}")
+        ats, _ = budget_for(model, ats, pool, (1 - options.reduction) * dense_gmacs(model),
+                            max(options.batch_sizes), f"ATS 3-11 -{options.reduction:.1%}")
         return model, pool, ats
     if name == "bundled":
         from .loading import first_images, load_dataset, load_model
@@ -64,7 +62,7 @@ def _measure(model: nn.Module, method: Method, batch: torch.Tensor, dtype: Optio
     autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else nullcontext()
     with configured(model, method), autocast:
         runner = torch.compile(model) if options.compile else model
-        times = time_runs(lambda: runner(batch), batch.device, options.warmup, options.repeats)
+        images_per_s = median_throughput(runner, batch, options.warmup, options.repeats)
         memory = peak_forward_bytes(model, batch)
         if method.blocks is None:
             gmacs, tokens = dense_gmacs(model), []
@@ -72,9 +70,8 @@ def _measure(model: nn.Module, method: Method, batch: torch.Tensor, dtype: Optio
             stats = last_stats(model)
             gmacs = float(stats.gmacs.mean())
             tokens = [round(float(t), 1) for t in stats.num_kept.double().mean(0)]
-    median = statistics.median(times)
-    return {"images_per_s": len(batch) / median, "latency_ms": 1000 * median, "peak_mb": memory / 2 ** 20,
-            "gmacs": gmacs, "tokens_per_ats_block": tokens, "runs": len(times)}
+    return {"images_per_s": images_per_s, "latency_ms": 1000 * len(batch) / images_per_s,
+            "peak_mb": memory / 2 ** 20, "gmacs": gmacs, "tokens_per_ats_block": tokens, "runs": options.repeats}
 
 
 def run_bench(options: BenchOptions) -> List[Dict]:
@@ -88,8 +85,8 @@ def run_bench(options: BenchOptions) -> List[Dict]:
     rows = []
     for case in options.cases:
         model, pool, ats = _case(case, options, device)
-        methods = [DENSE, Method(f"{ats.label} packed", "ATS", ats.blocks, ats.num_tokens),
-                   Method(f"{ats.label} padded", "ATS", ats.blocks, ats.num_tokens, mode="padded")]
+        methods = [DENSE, replace(ats, label=f"{ats.label} packed", mode="packed"),
+                   replace(ats, label=f"{ats.label} padded", mode="padded")]
         for dtype in options.dtypes:
             for bs in options.batch_sizes:
                 batch = pool[:bs]  # the same inputs for every method

@@ -62,8 +62,8 @@ def _methods(model, options: EvalOptions, calib: torch.Tensor) -> List[Method]:
             raise UserError("--num-tokens and --target-gmacs exclude each other: the target chooses the tokens")
         check_target(model, method, calib, options.target_gmacs, options.batch_size)
         say(f"finding K for {options.target_gmacs:g} GMACs")
-        method = budget_for(model, method, calib, options.target_gmacs, options.batch_size,
-                            f"{label} @ {options.target_gmacs:g} GMACs")
+        method, _ = budget_for(model, method, calib, options.target_gmacs, options.batch_size,
+                               f"{label} @ {options.target_gmacs:g} GMACs")
     return [DENSE, method]
 
 

@@ -130,8 +130,9 @@ def match_gmacs(measure: Callable[[float], float], target: float, tolerance: flo
 
 
 def budget_for(model: nn.Module, method: Method, images: torch.Tensor, target: float, batch_size: int,
-               label: str) -> Method:
-    """``method`` with ``num_tokens`` chosen so its mean GMACs on ``images`` hit ``target``.
+               label: str) -> Tuple[Method, float]:
+    """``method`` with ``num_tokens`` chosen so its mean GMACs on ``images`` hit ``target``, and
+    the mean GMACs it gives there.
 
     Top-K takes a fraction of the tokens entering each block. Inverse transform sampling keeps
     fewer distinct tokens than it has grid points, so it takes one K for every ATS block, from 1
@@ -142,8 +143,9 @@ def budget_for(model: nn.Module, method: Method, images: torch.Tensor, target: f
             return knob
         return max(1, round(knob * ITS_MAX_GRID * model.patch_embed.num_patches))
 
-    knob, _ = match_gmacs(lambda f: mean_gmacs(model, method.with_tokens(budget(f), label), images, batch_size), target)
-    return method.with_tokens(budget(knob), label)
+    knob, gmacs = match_gmacs(lambda f: mean_gmacs(model, method.with_tokens(budget(f), label), images, batch_size),
+                              target)
+    return method.with_tokens(budget(knob), label), gmacs
 
 
 def check_target(model: nn.Module, method: Method, images: torch.Tensor, target: float, batch_size: int) -> None:
@@ -167,18 +169,18 @@ def default_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
     topk = Method("", "top-K blocks 3-{}".format(depth - 1), multi.blocks, sampler="topk")
     single = Method("", "ATS block 3", (3,))
     dense = dense_gmacs(model)
-    ats_rows = [multi.with_tokens(None, f"ATS 3-{depth - 1} released (K=all)")]
+    released = multi.with_tokens(None, f"ATS 3-{depth - 1} released (K=all)")
+    ats_rows = [(released, mean_gmacs(model, released, images, batch_size))]
     for r in reductions:
         progress(f"finding the ATS budget for {r:.0%} fewer GMACs")
         ats_rows.append(budget_for(model, multi, images, (1 - r) * dense, batch_size, f"ATS 3-{depth - 1} -{r:.0%}"))
-    methods = [DENSE, *ats_rows]
-    for row in ats_rows:
-        target = mean_gmacs(model, row, images, batch_size)
-        progress(f"matching top-K{' and single-block ATS' if row is not ats_rows[0] else ''} to {row.label} "
+    methods = [DENSE, *(row for row, _ in ats_rows)]
+    for row, target in ats_rows:
+        progress(f"matching top-K{' and single-block ATS' if row is not released else ''} to {row.label} "
                  f"({target:.4g} GMACs)")
-        methods.append(budget_for(model, topk, images, target, batch_size, f"top-K 3-{depth - 1} = {row.label}"))
-        if row is not ats_rows[0]:
-            methods.append(budget_for(model, single, images, target, batch_size, f"ATS 3 only = {row.label}"))
+        methods.append(budget_for(model, topk, images, target, batch_size, f"top-K 3-{depth - 1} = {row.label}")[0])
+        if row is not released:
+            methods.append(budget_for(model, single, images, target, batch_size, f"ATS 3 only = {row.label}")[0])
     return methods
 
 
