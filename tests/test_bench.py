@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ats_vit
-from ats_vit.timing import peak_forward_bytes, time_runs
+from ats_vit.timing import peak_forward_bytes, range_share, time_runs
 from conftest import one_error_line, run
 from reference import make_vit
 
@@ -21,6 +21,7 @@ def test_bench_bundled_model_reports_every_column(tmp_path, capsys):
         assert r["ideal_speedup"] == pytest.approx(rows[0]["gmacs"] / r["gmacs"])
         if r["method"] != "dense":
             assert len(r["tokens_per_ats_block"]) == 9 and r["gmacs"] < rows[0]["gmacs"]
+            assert 0 < r["selection_share"] < 0.5
     packed = [r for r in rows if r["method"].endswith("packed")]
     padded = [r for r in rows if r["method"].endswith("padded")]
     assert [r["gmacs"] for r in packed] == [r["gmacs"] for r in padded]  # same images, same tokens
@@ -39,6 +40,21 @@ def test_peak_memory_grows_with_batch():
     small = peak_forward_bytes(model, torch.randn(1, 3, 64, 64))
     large = peak_forward_bytes(model, torch.randn(8, 3, 64, 64))
     assert 0 < small < large
+
+
+def test_range_share_is_the_time_inside_the_named_ranges():
+    import time
+    from torch.profiler import record_function
+
+    class Half(torch.nn.Module):
+        def forward(self, x):
+            with record_function("inside"):
+                time.sleep(0.03)
+            time.sleep(0.03)
+            return x
+
+    assert range_share(Half(), torch.zeros(1), "inside") == pytest.approx(0.5, abs=0.1)
+    assert range_share(Half(), torch.zeros(1), "elsewhere") == 0
 
 
 def test_time_runs_counts_repeats():

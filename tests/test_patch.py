@@ -82,9 +82,20 @@ def test_remove_restores_exact_outputs_and_state_dict_is_untouched():
         assert torch.equal(model(x), before)
 
 
+@pytest.fixture(params=[2, 16], ids=["grouped-attention", "one-attention-call"])
+def attention_group(request, monkeypatch):
+    """Images per packed attention call: 2 splits a batch of 6 into groups of their own lengths."""
+    import ats_vit.block as block
+    calls = []
+    sdpa = block._sdpa
+    monkeypatch.setattr(block, "ATTENTION_GROUP", request.param)
+    monkeypatch.setattr(block, "_sdpa", lambda *a: calls.append(a[1].shape) or sdpa(*a))
+    return request.param, calls
+
+
 @pytest.mark.parametrize("mode", ["packed", "padded"])
 @pytest.mark.parametrize("pool", ["token", "avg"])
-def test_batch_independence(pool, mode):
+def test_batch_independence(pool, mode, attention_group):
     model = patched(make_vit("deit_small_patch16_224", img_size=96, global_pool=pool), num_tokens=0.9, mode=mode)
     x = images(6)
     with torch.no_grad():
@@ -98,17 +109,22 @@ def test_batch_independence(pool, mode):
 
 
 @pytest.mark.parametrize("pool", ["token", "avg"])
-def test_packed_and_padded_modes_agree(pool):
+def test_packed_and_padded_modes_agree(pool, attention_group):
+    group, calls = attention_group
     base = make_vit("deit3_small_patch16_224", img_size=96, global_pool=pool)
     x = images(6)
-    logits, stats, grads = {}, {}, {}
+    logits, stats, grads, batches = {}, {}, {}, {}
     for mode in ("packed", "padded"):
         model = patched(base, num_tokens=0.9, mode=mode).train()
+        calls.clear()
         logits[mode] = model(x)
+        batches[mode] = {shape[0] for shape in calls}
         logits[mode].square().mean().backward()
         stats[mode] = ats_vit.last_stats(model)
         grads[mode] = {n: p.grad for n, p in model.named_parameters()}
     assert len(set(stats["packed"].num_kept[:, -1].tolist())) > 1, "the batch must be padded"
+    assert batches["padded"] == {6}  # the released behaviour: one call over the padded batch
+    assert batches["packed"] == ({6, 2} if group == 2 else {6})
     assert (logits["packed"] - logits["padded"]).abs().max() <= 1e-5
     assert torch.equal(stats["packed"].num_kept, stats["padded"].num_kept)
     assert torch.equal(stats["packed"].gmacs, stats["padded"].gmacs)

@@ -16,7 +16,8 @@ from .errors import UserError
 from .evaluate import DENSE, Method, budget_for, configured, dense_gmacs
 from .patch.timm import last_stats
 from .report import format_table
-from .timing import median_throughput, peak_forward_bytes
+from .block import SELECT_RANGE
+from .timing import median_throughput, peak_forward_bytes, range_share
 
 CASES = ("deit_s", "bundled")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -65,13 +66,15 @@ def _measure(model: nn.Module, method: Method, batch: torch.Tensor, dtype: Optio
         images_per_s = median_throughput(runner, batch, options.warmup, options.repeats)
         memory = peak_forward_bytes(model, batch)
         if method.blocks is None:
-            gmacs, tokens = dense_gmacs(model), []
+            gmacs, tokens, select = dense_gmacs(model), [], 0.0
         else:
             stats = last_stats(model)
             gmacs = float(stats.gmacs.mean())
             tokens = [round(float(t), 1) for t in stats.num_kept.double().mean(0)]
+            select = range_share(model, batch, SELECT_RANGE)
     return {"images_per_s": images_per_s, "latency_ms": 1000 * len(batch) / images_per_s,
-            "peak_mb": memory / 2 ** 20, "gmacs": gmacs, "tokens_per_ats_block": tokens, "runs": options.repeats}
+            "peak_mb": memory / 2 ** 20, "gmacs": gmacs, "tokens_per_ats_block": tokens,
+            "selection_share": select, "runs": options.repeats}
 
 
 def run_bench(options: BenchOptions) -> List[Dict]:
@@ -111,7 +114,8 @@ def _report(rows: List[Dict], options: BenchOptions) -> None:
              "peak MB": f"{r['peak_mb']:.0f}", "GMACs": f"{r['gmacs']:.3f}",
              "tokens/ATS block": " ".join(f"{t:.0f}" for t in r["tokens_per_ats_block"]) or "-",
              "ideal": f"{r['ideal_speedup']:.2f}x", "measured": f"{r['speedup']:.2f}x",
-             "realisation": f"{r['realisation']:.2f}"} for r in rows]
+             "realisation": f"{r['realisation']:.2f}",
+             "select %": f"{100 * r['selection_share']:.1f}" if r["tokens_per_ats_block"] else "-"} for r in rows]
     print()
     print(format_table(show, list(show[0])))
     machine = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from .sampling import NumSamples, Sampler, token_scores
 
@@ -87,8 +88,14 @@ class Tokens:
         return self.layout.pad(self.x)
 
 
-def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Softmax attention of queries (B, H, M, d) over keys and values (B, H, N, d)."""
+# Profiler range around scoring and sampling, so benchmarks can time the selection step.
+SELECT_RANGE = "ats_vit.select"
+# Images per attention call when their token counts differ: packed attention sorts images by
+# count and attends each group of this many at its own padded length, so padding costs little.
+ATTENTION_GROUP = 16
+
+
+def _sdpa(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
     if attn.fused_attn:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale,
                                               dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -96,6 +103,28 @@ def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Ten
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
     return attn.attn_drop(logits.softmax(dim=-1)) @ v
+
+
+def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, q_valid: Optional[Tensor],
+            k_valid: Optional[Tensor], grouped: bool) -> Tensor:
+    """Softmax attention of padded queries (B, H, M, d) over padded keys and values (B, H, N, d).
+
+    ``q_valid`` (B, M) and ``k_valid`` (B, N) mark real rows (None: all real); padding keys are
+    never attended and padding query rows are left arbitrary. ``grouped`` attends groups of
+    images with similar key counts at their own lengths instead of the whole batch at N.
+    """
+    mask = None if k_valid is None else k_valid[:, None, None, :]
+    B = q.shape[0]
+    if mask is None or not grouped or B <= ATTENTION_GROUP:
+        return _sdpa(attn, q, k, v, mask)
+    k_len = k_valid.sum(dim=1)
+    q_len = torch.full_like(k_len, q.shape[2]) if q_valid is None else q_valid.sum(dim=1)
+    order = k_len.argsort(descending=True)
+    out = q.new_zeros(*q.shape[:3], v.shape[-1])
+    for ids in order.split(ATTENTION_GROUP):
+        m, n = int(q_len[ids].max()), int(k_len[ids].max())
+        out[ids, :, :m] = _sdpa(attn, q[ids, :, :m], k[ids, :, :n], v[ids, :, :n], mask[ids, ..., :n])
+    return out
 
 
 def _drop_path(module: nn.Module, y: Tensor, layout: Layout) -> Tensor:
@@ -122,6 +151,14 @@ def _block_tail(block: nn.Module, x: Tensor, h: Optional[Tensor], out: Tensor, l
     return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), layout)
 
 
+def _qkv(attn: nn.Module, h: Tensor, layout: Layout) -> tuple[Tensor, Tensor, Tensor]:
+    """Normed queries, keys and values (B, H, Nmax, hd) of the normed tokens ``h`` (T, C)."""
+    B, N = layout.shape
+    qkv = layout.pad(attn.qkv(h)).view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
 def dense_block(block: nn.Module, tokens: Tokens) -> Tokens:
     """A timm ``Block`` on every token, hiding padding keys from its attention."""
     layout = tokens.layout
@@ -129,12 +166,8 @@ def dense_block(block: nn.Module, tokens: Tokens) -> Tokens:
         # The padded batch is what timm's own block expects.
         x = block(tokens.padded(), attn_mask=layout.key_mask()).flatten(0, 1)
         return Tokens(x, layout, tokens.positions)
-    attn = block.attn
-    B, N = layout.shape
     h = block.norm1(tokens.x)
-    qkv = layout.pad(attn.qkv(h)).view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    out = _attend(attn, attn.q_norm(q), attn.k_norm(k), v, layout.key_mask())
+    out = _attend(block.attn, *_qkv(block.attn, h, layout), layout.valid, layout.valid, grouped=True)
     out = layout.unpad(out.transpose(1, 2).flatten(2))
     return Tokens(_block_tail(block, tokens.x, h, out, layout), layout, tokens.positions)
 
@@ -148,10 +181,11 @@ def ats_block(
 ) -> tuple[Tokens, Tensor]:
     """Run a timm ``Block`` with Adaptive Token Sampling inside its attention.
 
-    Keys and values are computed for every token entering the block. The prefix tokens' attention
+    Queries, keys and values are computed for every token entering the block in one projection
+    (faster than a separate query projection for the kept tokens). The prefix tokens' attention
     rows give the scores, ``sampler`` picks the patch tokens to keep, and only the prefix and kept
-    tokens get queries, attention rows (over all keys, not renormalised), projection, residual and
-    MLP. Selection is not differentiated; gradients flow through the kept rows and the values.
+    tokens get attention rows (over all keys, not renormalised), projection, residual and MLP.
+    Selection is not differentiated; gradients flow through the kept rows and the values.
 
     Returns:
         the kept tokens (same layout kind, compacted to the batch's largest count) and the kept
@@ -161,46 +195,29 @@ def ats_block(
     layout = tokens.layout
     P = num_prefix_tokens
     B, N = layout.shape
-    H, hd = attn.num_heads, attn.head_dim
-    D = H * hd
-    mask = layout.key_mask()
-
     h = block.norm1(tokens.x)
-    w, b = attn.qkv.weight, attn.qkv.bias
-    kv = layout.pad(F.linear(h, w[D:], None if b is None else b[D:]))
-    k, v = kv.view(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    k = attn.k_norm(k)
+    q, k, v = _qkv(attn, h, layout)
 
-    def queries(rows: Tensor) -> Tensor:
-        q = F.linear(rows, w[:D], None if b is None else b[:D])
-        return attn.q_norm(q.view(B, rows.shape[1], H, hd).transpose(1, 2))
-
-    # Prefix rows need their probabilities (the class row scores the patch tokens).
-    prefix_rows = layout.index[:, :P]
-    logits = (queries(h[prefix_rows]) * attn.scale) @ k.transpose(-2, -1)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    prefix_attn = logits.softmax(dim=-1)
-    index = sampler(token_scores(prefix_attn, v, P, layout.valid), num_samples)
+    with record_function(SELECT_RANGE):
+        # Prefix rows need their probabilities (the class row scores the patch tokens).
+        logits = (q[:, :, :P] * attn.scale) @ k.transpose(-2, -1)
+        if layout.valid is not None:
+            logits = logits.masked_fill(~layout.key_mask(), float("-inf"))
+        index = sampler(token_scores(logits.softmax(dim=-1), v, P, layout.valid), num_samples)
 
     padded = index < 0
-    kept_rows = layout.index.gather(1, index.clamp(min=0) + P)
-    q_kept = queries(h[kept_rows])
-    out_prefix = attn.attn_drop(prefix_attn) @ v.to(prefix_attn.dtype)
-    out_kept = _attend(attn, q_kept, k, v, mask)
-    out = torch.cat([out_prefix.to(out_kept.dtype), out_kept], dim=2).transpose(1, 2).flatten(2)
-
-    rows = torch.cat([prefix_rows, kept_rows], dim=1)  # (B, P + K'max) rows of the incoming tokens
-    valid = None
+    prefix = torch.arange(P, device=index.device).expand(B, P)
+    kept = torch.cat([prefix, index.clamp(min=0) + P], dim=1)  # (B, P + K'max) columns of the padded tokens
+    new_layout = Layout.dense(B, kept.shape[1], index.device, layout.packed)
     if bool(padded.any()):
-        valid = torch.cat([torch.ones(B, P, dtype=torch.bool, device=index.device), ~padded], dim=1)
-    new_layout = Layout.dense(B, rows.shape[1], index.device, layout.packed)
-    if valid is not None:
-        new_layout.valid = valid
+        new_layout.valid = torch.cat([torch.ones_like(prefix, dtype=torch.bool), ~padded], dim=1)
         if layout.packed:  # each real token's row in the new packed tensor, in (image, token) order
+            valid = new_layout.valid
             new_layout.index = (valid.flatten().cumsum(0).view_as(valid) - 1).masked_fill(~valid, 0)
-    flat_rows = new_layout.unpad(rows)
-    h_kept = h[flat_rows] if getattr(attn, "gate", None) is not None else None
-    y = _block_tail(block, tokens.x[flat_rows], h_kept, new_layout.unpad(out), new_layout)
+    q = q.gather(2, kept[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    out = _attend(attn, q, k, v, new_layout.valid, layout.valid, layout.packed)
+    flat_rows = new_layout.unpad(layout.index.gather(1, kept))
+    gate = h[flat_rows] if getattr(attn, "gate", None) is not None else None
+    y = _block_tail(block, tokens.x[flat_rows], gate, new_layout.unpad(out.transpose(1, 2).flatten(2)), new_layout)
     positions = tokens.positions.gather(1, index.clamp(min=0)).masked_fill(padded, -1)
     return Tokens(y, new_layout, positions), index

@@ -49,8 +49,8 @@ def token_scores(
         raise ValueError(f"num_prefix_tokens must be an int in [1, {N}], got {num_prefix_tokens}")
     P = num_prefix_tokens
     dtype = torch.promote_types(torch.promote_types(attn.dtype, v.dtype), torch.float32)
-    cls_attn = attn[:, :, 0, P:].to(dtype).sum(dim=1)
-    v_norm = v[:, :, P:].to(dtype).transpose(1, 2).flatten(2).norm(dim=-1)
+    cls_attn = attn[:, :, 0, P:].sum(dim=1, dtype=dtype)
+    v_norm = torch.linalg.vector_norm(v[:, :, P:], dim=(1, 3), dtype=dtype)  # over heads and head dims
     scores = cls_attn * v_norm
     if token_mask is not None:
         if token_mask.shape == (B, N):
@@ -90,9 +90,11 @@ def keep_mask_to_index(keep: Tensor) -> Tensor:
     """Turn a (B, n) bool keep mask into ascending indices (B, K'max) padded with -1."""
     B, n = keep.shape
     kmax = int(keep.sum(dim=1).max()) if B and n else 0
-    position = torch.arange(n, device=keep.device).expand(B, n)
-    index = torch.where(keep, position, n).sort(dim=1).values[:, :kmax]
-    return index.masked_fill(index == n, -1)
+    # Each kept index goes to its rank among the row's kept ones; the rest to a spare column.
+    slot = torch.where(keep, keep.cumsum(dim=1) - 1, kmax)
+    index = torch.full((B, kmax + 1), -1, dtype=torch.long, device=keep.device)
+    index.scatter_(1, slot, torch.arange(n, device=keep.device).expand(B, n))
+    return index[:, :kmax]
 
 
 def inverse_transform_sampling(scores: Tensor, num_samples: NumSamples) -> Tensor:

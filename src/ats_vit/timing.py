@@ -8,7 +8,7 @@ from typing import Callable, List
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 
 def _sync(device: torch.device) -> None:
@@ -55,3 +55,19 @@ def peak_forward_bytes(model: nn.Module, batch: torch.Tensor) -> int:
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     return max(itertools.accumulate(e.nbytes() for e in events), default=0)
+
+
+@torch.no_grad()
+def range_share(model: nn.Module, batch: torch.Tensor, name: str) -> float:
+    """Fraction of one forward's time spent inside the profiler ranges called ``name``: CPU time
+    on the CPU, the time of the kernels launched inside them on CUDA."""
+    cuda = batch.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        with record_function("forward"):
+            model(batch)
+        _sync(batch.device)
+    time = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    events = prof.events()
+    total = sum(time(e) for e in events if e.name == "forward")
+    return sum(time(e) for e in events if e.name == name) / total

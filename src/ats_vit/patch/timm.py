@@ -215,7 +215,7 @@ class _ATSVisionTransformer:
             num_kept=token_counts[:, [i + 1 for i in config.blocks]] - P,
             positions=tuple(positions),
             tokens=token_counts,
-            gmacs=config.cost.macs(n, token_counts) / 1e9,
+            gmacs=config.cost.macs(n, token_counts, config.blocks, P) / 1e9,
             dense_gmacs=config.cost.dense_macs(n, P) / 1e9,
         ))
         return self.norm(tokens.padded())
