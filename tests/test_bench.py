@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ats_vit
-from ats_vit.timing import peak_forward_bytes, range_share, time_runs
+from ats_vit.timing import interleaved_times, peak_forward_bytes, range_share, time_runs
 from conftest import one_error_line, run
 from reference import make_vit
 
@@ -55,6 +55,13 @@ def test_range_share_is_the_time_inside_the_named_ranges():
 
     assert range_share(Half(), torch.zeros(1), "inside") == pytest.approx(0.5, abs=0.1)
     assert range_share(Half(), torch.zeros(1), "elsewhere") == 0
+
+
+def test_interleaved_times_call_each_function_once_per_round():
+    calls = []
+    times = interleaved_times([lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"),
+                              warmup=1, repeats=10)
+    assert calls == ["a", "b"] * 11 and [len(t) for t in times] == [10, 10]
 
 
 def test_time_runs_counts_repeats():

@@ -84,11 +84,13 @@ def test_remove_restores_exact_outputs_and_state_dict_is_untouched():
 
 @pytest.fixture(params=[2, 16], ids=["grouped-attention", "one-attention-call"])
 def attention_group(request, monkeypatch):
-    """Images per packed attention call: 2 splits a batch of 6 into groups of their own lengths."""
+    """Images per packed attention call: 2 splits a batch of 6 into groups of their own lengths
+    (grouping forced, whatever it saves)."""
     import ats_vit.block as block
     calls = []
     sdpa = block._sdpa
     monkeypatch.setattr(block, "ATTENTION_GROUP", request.param)
+    monkeypatch.setattr(block, "GROUPING_MIN_SAVING", -1.0)
     monkeypatch.setattr(block, "_sdpa", lambda *a: calls.append(a[1].shape) or sdpa(*a))
     return request.param, calls
 

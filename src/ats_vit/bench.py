@@ -2,9 +2,12 @@
 speed-up (dense GMACs over ATS GMACs) turns into wall-clock time: the realisation ratio."""
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import platform
-from contextlib import nullcontext
+import statistics
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -17,7 +20,7 @@ from .evaluate import DENSE, Method, budget_for, configured, dense_gmacs
 from .patch.timm import last_stats
 from .report import format_table
 from .block import SELECT_RANGE
-from .timing import median_throughput, peak_forward_bytes, range_share
+from .timing import interleaved_times, peak_forward_bytes, range_share
 
 CASES = ("deit_s", "bundled")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -58,23 +61,35 @@ def _case(name: str, options: BenchOptions, device: torch.device):
     raise UserError(f"--case must be among {list(CASES)}, got {name!r}")
 
 
-def _measure(model: nn.Module, method: Method, batch: torch.Tensor, dtype: Optional[torch.dtype],
-             options: BenchOptions) -> Dict:
+def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, dtype: Optional[torch.dtype],
+             options: BenchOptions) -> List[Dict]:
+    """One row per method, timed in interleaved rounds on copies of ``model``; the first method is
+    the baseline of the speed-ups, each the median of the rounds' paired time ratios."""
     autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else nullcontext()
-    with configured(model, method), autocast:
-        runner = torch.compile(model) if options.compile else model
-        images_per_s = median_throughput(runner, batch, options.warmup, options.repeats)
-        memory = peak_forward_bytes(model, batch)
-        if method.blocks is None:
-            gmacs, tokens, select = dense_gmacs(model), [], 0.0
-        else:
-            stats = last_stats(model)
-            gmacs = float(stats.gmacs.mean())
-            tokens = [round(float(t), 1) for t in stats.num_kept.double().mean(0)]
-            select = range_share(model, batch, SELECT_RANGE)
-    return {"images_per_s": images_per_s, "latency_ms": 1000 * len(batch) / images_per_s,
-            "peak_mb": memory / 2 ** 20, "gmacs": gmacs, "tokens_per_ats_block": tokens,
-            "selection_share": select, "runs": options.repeats}
+    with ExitStack() as stack, autocast:
+        models = [stack.enter_context(configured(copy.deepcopy(model), m)) for m in methods]
+        runners = [torch.compile(m) if options.compile else m for m in models]
+        times = interleaved_times([functools.partial(r, batch) for r in runners], batch.device,
+                                  options.warmup, options.repeats)
+        rows = []
+        for method, net, seconds in zip(methods, models, times):
+            if method.blocks is None:
+                gmacs, tokens, select = dense_gmacs(net), [], 0.0
+            else:
+                stats = last_stats(net)
+                gmacs = float(stats.gmacs.mean())
+                tokens = [round(float(t), 1) for t in stats.num_kept.double().mean(0)]
+                select = range_share(net, batch, SELECT_RANGE)
+            images_per_s = len(batch) / statistics.median(seconds)
+            rows.append({"method": method.label, "images_per_s": images_per_s,
+                         "latency_ms": 1000 * len(batch) / images_per_s,
+                         "peak_mb": peak_forward_bytes(net, batch) / 2 ** 20, "gmacs": gmacs,
+                         "tokens_per_ats_block": tokens, "selection_share": select, "runs": options.repeats,
+                         "speedup": statistics.median(b / t for b, t in zip(times[0], seconds))})
+    for row in rows:
+        row["ideal_speedup"] = rows[0]["gmacs"] / row["gmacs"]
+        row["realisation"] = row["speedup"] / row["ideal_speedup"]
+    return rows
 
 
 def run_bench(options: BenchOptions) -> List[Dict]:
@@ -92,17 +107,9 @@ def run_bench(options: BenchOptions) -> List[Dict]:
                    replace(ats, label=f"{ats.label} padded", mode="padded")]
         for dtype in options.dtypes:
             for bs in options.batch_sizes:
-                batch = pool[:bs]  # the same inputs for every method
-                dense = None
-                for method in methods:
-                    row = {"case": case, "dtype": dtype, "batch": bs, "method": method.label,
-                           **_measure(model, method, batch, DTYPES[dtype], options)}
-                    dense = dense or row
-                    row["ideal_speedup"] = dense["gmacs"] / row["gmacs"]
-                    row["speedup"] = row["images_per_s"] / dense["images_per_s"]
-                    row["realisation"] = row["speedup"] / row["ideal_speedup"]
-                    rows.append(row)
-                    print(f"{case} {dtype} batch {bs} {method.label}: {row['images_per_s']:.1f} img/s, "
+                for row in _measure(model, methods, pool[:bs], DTYPES[dtype], options):
+                    rows.append({"case": case, "dtype": dtype, "batch": bs, **row})
+                    print(f"{case} {dtype} batch {bs} {row['method']}: {row['images_per_s']:.1f} img/s, "
                           f"speed-up {row['speedup']:.2f} of ideal {row['ideal_speedup']:.2f}", flush=True)
     _report(rows, options)
     return rows
@@ -123,7 +130,8 @@ def _report(rows: List[Dict], options: BenchOptions) -> None:
                "warmup": options.warmup, "repeats": options.repeats}
     if options.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name()
-    print(f"\nmodel only, median of {options.repeats} runs after {options.warmup} warm-up runs; {machine}")
+    print(f"\nmodel only; methods timed in turn, {options.repeats} rounds after {options.warmup} warm-up rounds; "
+          f"img/s from each method's median time, speed-up the median of the rounds' paired ratios; {machine}")
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")

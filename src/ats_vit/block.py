@@ -91,8 +91,10 @@ class Tokens:
 # Profiler range around scoring and sampling, so benchmarks can time the selection step.
 SELECT_RANGE = "ats_vit.select"
 # Images per attention call when their token counts differ: packed attention sorts images by
-# count and attends each group of this many at its own padded length, so padding costs little.
+# key count and attends each group of this many at its own padded length, when that cuts the
+# padded attention work by more than GROUPING_MIN_SAVING (each call also gathers its rows).
 ATTENTION_GROUP = 16
+GROUPING_MIN_SAVING = 0.2
 
 
 def _sdpa(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -120,9 +122,13 @@ def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, q_valid: Optional[
     k_len = k_valid.sum(dim=1)
     q_len = torch.full_like(k_len, q.shape[2]) if q_valid is None else q_valid.sum(dim=1)
     order = k_len.argsort(descending=True)
+    groups = order.split(ATTENTION_GROUP)
+    sizes = [(int(q_len[ids].max()), int(k_len[ids].max())) for ids in groups]
+    work = sum(len(ids) * m * n for ids, (m, n) in zip(groups, sizes))
+    if work > (1 - GROUPING_MIN_SAVING) * B * q.shape[2] * k.shape[2]:
+        return _sdpa(attn, q, k, v, mask)
     out = q.new_zeros(*q.shape[:3], v.shape[-1])
-    for ids in order.split(ATTENTION_GROUP):
-        m, n = int(q_len[ids].max()), int(k_len[ids].max())
+    for ids, (m, n) in zip(groups, sizes):
         out[ids, :, :m] = _sdpa(attn, q[ids, :, :m], k[ids, :, :n], v[ids, :, :n], mask[ids, ..., :n])
     return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 import torch
 from torch import nn
@@ -17,18 +17,27 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
+def interleaved_times(fns: Sequence[Callable[[], object]], device: torch.device, warmup: int = 2,
+                      repeats: int = 5) -> List[List[float]]:
+    """Seconds of each timed call of each of ``fns``: every round calls each once in turn, after
+    ``warmup`` untimed rounds, so a machine whose speed drifts slows them all alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    _sync(device)
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, record in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            record.append(time.perf_counter() - start)
+    return times
+
+
 def time_runs(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> List[float]:
     """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return interleaved_times([fn], device, warmup, repeats)[0]
 
 
 def median_throughput(model: nn.Module, batch: torch.Tensor, warmup: int = 2, repeats: int = 5) -> float:
