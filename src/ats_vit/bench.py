@@ -2,12 +2,9 @@
 speed-up (dense GMACs over ATS GMACs) turns into wall-clock time: the realisation ratio."""
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import platform
-import statistics
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -16,11 +13,11 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .evaluate import DENSE, Method, budget_for, configured, dense_gmacs
+from .evaluate import DENSE, Method, budget_for, configured_copies, dense_gmacs
 from .patch.timm import last_stats
 from .report import format_table
 from .block import SELECT_RANGE
-from .timing import interleaved_times, peak_forward_bytes, range_share
+from .timing import compare_throughput, peak_forward_bytes, range_share
 
 CASES = ("deit_s", "bundled")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -66,13 +63,11 @@ def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, d
     """One row per method, timed in interleaved rounds on copies of ``model``; the first method is
     the baseline of the speed-ups, each the median of the rounds' paired time ratios."""
     autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else nullcontext()
-    with ExitStack() as stack, autocast:
-        models = [stack.enter_context(configured(copy.deepcopy(model), m)) for m in methods]
+    with configured_copies(model, methods) as models, autocast:
         runners = [torch.compile(m) if options.compile else m for m in models]
-        times = interleaved_times([functools.partial(r, batch) for r in runners], batch.device,
-                                  options.warmup, options.repeats)
+        speeds = compare_throughput(runners, batch, options.warmup, options.repeats)
         rows = []
-        for method, net, seconds in zip(methods, models, times):
+        for method, net, (images_per_s, speedup) in zip(methods, models, speeds):
             if method.blocks is None:
                 gmacs, tokens, select = dense_gmacs(net), [], 0.0
             else:
@@ -80,12 +75,11 @@ def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, d
                 gmacs = float(stats.gmacs.mean())
                 tokens = [round(float(t), 1) for t in stats.num_kept.double().mean(0)]
                 select = range_share(net, batch, SELECT_RANGE)
-            images_per_s = len(batch) / statistics.median(seconds)
             rows.append({"method": method.label, "images_per_s": images_per_s,
                          "latency_ms": 1000 * len(batch) / images_per_s,
                          "peak_mb": peak_forward_bytes(net, batch) / 2 ** 20, "gmacs": gmacs,
                          "tokens_per_ats_block": tokens, "selection_share": select, "runs": options.repeats,
-                         "speedup": statistics.median(b / t for b, t in zip(times[0], seconds))})
+                         "speedup": speedup})
     for row in rows:
         row["ideal_speedup"] = rows[0]["gmacs"] / row["gmacs"]
         row["realisation"] = row["speedup"] / row["ideal_speedup"]

@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import apply, last_stats, remove
+from .distributed import Dist
 from .errors import UserError
 from .report import format_table
 
@@ -55,20 +56,24 @@ def _train(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from .data import fashion_mnist
-    from .train import TrainConfig, fit
+    from .train import TrainConfig, check_run_folder, claim_run_folder, fit
     from .zoo import FMNIST_MODEL
 
     out = Path(args.out)
-    if (out / "log.csv").exists():
-        raise UserError(f"--out {out} already holds a run (log.csv); choose another folder")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    identity = {"job": "train", "limit": args.limit, **vars(config)}
+    check_run_folder(out, identity, args.resume)
     train_set, test_set = fashion_mnist(True, args.data_root), fashion_mnist(False, args.data_root)
     if args.limit:
         train_set, test_set = Subset(train_set, range(args.limit)), Subset(test_set, range(min(args.limit, 10000)))
     torch.manual_seed(args.seed)
     model = timm.create_model(FMNIST_MODEL, pretrained=False)
+    config.check(torch.device("cpu"), Dist(), len(train_set))
+    if not args.resume:
+        claim_run_folder(out, identity, Dist())
     start = time.time()
-    history = fit(model, train_set, test_set, config, out, on_epoch=lambda row: print(json.dumps(row), flush=True))
+    history = fit(model, train_set, test_set, 10, config, out, torch.device("cpu"), resume=args.resume,
+                  on_epoch=lambda row: print(json.dumps(row), flush=True))
     weights = out / f"{FMNIST_MODEL}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     meta = {
@@ -107,6 +112,18 @@ def _parse_budget(text: str):
                 raise argparse.ArgumentTypeError(f"expected an int or a fraction, got {v!r}") from None
     values = [one(v) for v in text.split(",")]
     return values[0] if len(values) == 1 else values
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune_job import FinetuneOptions, run_finetune
+
+    run_finetune(FinetuneOptions(
+        model=args.model, checkpoint=args.checkpoint, data=args.data, blocks=args.blocks,
+        num_tokens=args.num_tokens, sampler=args.sampler, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, warmup_epochs=args.warmup_epochs, amp=args.amp, limit=args.limit, workers=args.workers,
+        seed=args.seed, device=args.device, out=args.out, resume=args.resume,
+        command="ats-vit " + " ".join(args.argv)))
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -155,7 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/fmnist")
     train.add_argument("--data-root", default=None, help="where Fashion-MNIST is staged (default ~/.cache/ats-vit/data)")
     train.add_argument("--limit", type=int, default=0, help="train and test on the first N images only")
+    train.add_argument("--resume", action="store_true", help="continue the run saved in --out after its last epoch")
     train.set_defaults(run=_train)
+
+    ft = sub.add_parser("finetune", help="fine-tune a model with ATS in place (alone or under torchrun)",
+                        description="Trains with ATS applied (selection deterministic, gradients through the kept "
+                                    "tokens); evaluates top-1 and mean GMACs after each epoch; checkpoints every "
+                                    "epoch. Runs unchanged under torchrun --nproc_per_node N.")
+    ft.add_argument("--model", default=None, help="timm model name, or a local .safetensors with its metadata "
+                                                  "JSON beside it (default: the bundled Fashion-MNIST ViT)")
+    ft.add_argument("--checkpoint", default=None, help="local weights for --model, loaded by timm")
+    ft.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or a folder with train/ and val/ "
+                                                            "sub-folders of class folders")
+    ft.add_argument("--blocks", type=_parse_blocks, default=None, help="ATS blocks, e.g. 3-11 (default 3..last)")
+    ft.add_argument("--num-tokens", type=_parse_budget, default=None, help="K: int, fraction, or one per block")
+    ft.add_argument("--sampler", default="inverse_transform")
+    ft.add_argument("--epochs", type=int, default=3)
+    ft.add_argument("--batch-size", type=int, default=128, help="global batch, split over the processes")
+    ft.add_argument("--lr", type=float, default=3e-4)
+    ft.add_argument("--warmup-epochs", type=float, default=0.2)
+    ft.add_argument("--amp", default="none", help="none, bfloat16 or float16 (CUDA) autocast")
+    ft.add_argument("--limit", type=int, default=None, help="train and evaluate on the first N images only")
+    ft.add_argument("--workers", type=int, default=2)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ft.add_argument("--out", default="runs/finetune")
+    ft.add_argument("--resume", action="store_true", help="continue the run saved in --out after its last epoch")
+    ft.set_defaults(run=_finetune)
 
     ev = sub.add_parser("eval", help="accuracy, per-image GMACs and speed: dense vs ATS vs top-K",
                         description="Without ATS options: the full comparison (dense, ATS released and at "

@@ -11,9 +11,11 @@ from typing import List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from .distributed import Dist, barrier, setup, shard
 from .errors import UserError
-from .evaluate import (DENSE, Method, Result, budget_for, check_target, configured, default_suite, dense_gmacs,
-                       evaluate_method, model_throughput)
+from .evaluate import (DENSE, Method, Result, budget_for, check_target, configured, configured_copies,
+                       default_suite, dense_gmacs, evaluate_method)
+from .timing import compare_throughput
 from .loading import first_images, load_dataset, load_model, num_classes
 from .report import format_table
 from .viz import plot_accuracy_vs_gmacs, plot_token_histogram
@@ -43,8 +45,8 @@ class EvalOptions:
         return any(v is not None for v in (self.blocks, self.num_tokens, self.sampler, self.target_gmacs))
 
 
-def _methods(model, options: EvalOptions, calib: torch.Tensor) -> List[Method]:
-    say = lambda s: print(f"[calibrating on {len(calib)} images] {s}", flush=True)
+def _methods(model, options: EvalOptions, calib: torch.Tensor, d: Dist) -> List[Method]:
+    say = lambda s: print(f"[calibrating on {len(calib)} images] {s}", flush=True) if d.main else None
     if not options.custom:
         return default_suite(model, calib, options.batch_size, options.reductions, progress=say)
     depth = len(model.blocks)
@@ -68,33 +70,41 @@ def _methods(model, options: EvalOptions, calib: torch.Tensor) -> List[Method]:
 
 
 def run_eval(options: EvalOptions) -> List[Result]:
-    """Evaluate and report; returns one result per table row."""
+    """Evaluate and report; returns one result per table row.
+
+    Under ``torchrun`` every rank calibrates on the same images (so finds the same budgets) and
+    evaluates its shard of the data; results are gathered, and rank 0 times the model alone and
+    writes the report."""
     for name in ("batch_size", "calib_images", "timing_repeats"):
         if getattr(options, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
     if options.workers < 0:
         raise UserError(f"--workers must be >= 0, got {options.workers}")
-    device = torch.device(options.device)
-    model = load_model(options.model, options.checkpoint).to(device)
-    dataset = load_dataset(options.data, model, options.limit)
-    classes = num_classes(dataset)
-    loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=options.workers)
-    calib = first_images(dataset, options.calib_images).to(device)
-    methods = _methods(model, options, calib)
+    with setup(options.device) as (d, device):
+        model = load_model(options.model, options.checkpoint).to(device)
+        dataset = load_dataset(options.data, model, options.limit)
+        classes = num_classes(dataset)
+        loader = DataLoader(shard(dataset, d), batch_size=options.batch_size, num_workers=options.workers)
+        calib = first_images(dataset, options.calib_images).to(device)
+        methods = _methods(model, options, calib, d)
 
-    timing_batch = calib[:options.batch_size]
-    results = []
-    for method in methods:
-        result = evaluate_method(model, loader, method, device, classes)
-        result.images_per_s = model_throughput(model, method, timing_batch, repeats=options.timing_repeats)
-        results.append(result)
-        print(f"  {method.label}: top-1 {result.top1:.2f}%  {result.mean_gmacs:.4f} GMACs", flush=True)
-    _report(model, options, dataset, results, len(timing_batch))
+        timing_batch = calib[:options.batch_size]
+        results = []
+        for method in methods:
+            results.append(evaluate_method(model, loader, method, device, classes, d))
+            if d.main:
+                print(f"  {method.label}: top-1 {results[-1].top1:.2f}%  {results[-1].mean_gmacs:.4f} GMACs", flush=True)
+        if d.main:
+            with configured_copies(model, methods) as models:
+                speeds = compare_throughput(models, timing_batch, repeats=options.timing_repeats)
+            for result, (images_per_s, speedup) in zip(results, speeds):
+                result.images_per_s, result.speedup = images_per_s, speedup
+            _report(model, options, dataset, results, len(timing_batch), d)
+        barrier(d)  # the others wait while rank 0 times and writes
     return results
 
 
 def _rows(results: List[Result], dense: float) -> List[dict]:
-    base_speed = results[0].images_per_s
     rows = []
     for r in results:
         kept = r.num_kept.mean(axis=0) if r.num_kept is not None else None
@@ -110,13 +120,13 @@ def _rows(results: List[Result], dense: float) -> List[dict]:
             "reduction_pct": round(100 * (1 - r.mean_gmacs / dense), 1),
             "tokens_per_ats_block": [] if kept is None else [round(float(k), 1) for k in kept],
             "model_images_per_s": round(r.images_per_s, 1),
-            "speedup": round(r.images_per_s / base_speed, 3),
+            "speedup": round(r.speedup, 3),
             "end_to_end_images_per_s": round(len(r.gmacs) / r.seconds, 1),
         })
     return rows
 
 
-def _report(model, options: EvalOptions, dataset, results: List[Result], timing_batch: int) -> None:
+def _report(model, options: EvalOptions, dataset, results: List[Result], timing_batch: int, d: Dist) -> None:
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     dense = dense_gmacs(model)
@@ -132,12 +142,13 @@ def _report(model, options: EvalOptions, dataset, results: List[Result], timing_
     print()
     print(format_table(show, list(show[0])))
     print(f"\n{len(dataset)} images; GMACs measured per image from the tokens kept. img/s (model): the model "
-          f"alone on one batch of {timing_batch} images, median of {options.timing_repeats} runs after warm-up, "
-          f"{options.device}, {torch.get_num_threads()} threads; end-to-end includes data loading.")
+          f"alone on one batch of {timing_batch} images, every method run in turn for {options.timing_repeats} "
+          f"rounds after warm-up (median time; speed-up: median of the paired ratios), {options.device}, "
+          f"{torch.get_num_threads()} threads, rank 0 of {d.world} process(es); end-to-end includes data loading.")
 
     meta = {"model": options.model or "vit_fmnist_patch2_28 (bundled)", "checkpoint": options.checkpoint,
             "data": options.data, "images": len(dataset), "calibration_images": options.calib_images,
-            "dense_gmacs": dense, "device": options.device, "threads": torch.get_num_threads(),
+            "dense_gmacs": dense, "device": options.device, "threads": torch.get_num_threads(), "processes": d.world,
             "machine": platform.processor() or platform.machine(), "command": options.command,
             "torch": torch.__version__}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

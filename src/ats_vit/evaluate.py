@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+import copy
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -14,8 +15,8 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .flops import ViTCost
-from .patch.timm import apply, last_stats, remove
-from .timing import median_throughput
+from .distributed import Dist, gather
+from .patch.timm import apply, is_patched, last_stats, remove
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Result:
     num_kept: Optional[np.ndarray]  # (images, ATS blocks)
     seconds: float  # whole pass, data loading included
     images_per_s: float = float("nan")  # model only
+    speedup: float = float("nan")  # model only, over dense: the median of paired timing rounds
     extra: dict = field(default_factory=dict)
 
     @property
@@ -70,35 +72,46 @@ def dense_gmacs(model: nn.Module) -> float:
     return ViTCost.of(model).dense_macs(model.patch_embed.num_patches, model.num_prefix_tokens) / 1e9
 
 
-def _forward_stats(model: nn.Module, method: Method, images: torch.Tensor, dense: float):
+def _forward_stats(model: nn.Module, images: torch.Tensor, dense: float):
+    """Logits, per-image GMACs and (ATS only) tokens kept per ATS block."""
     logits = model(images)
-    if method.blocks is None:
+    if not is_patched(model):
         return logits, torch.full((len(images),), dense, dtype=torch.float64), None
     stats = last_stats(model)
     return logits, stats.gmacs.cpu(), stats.num_kept.cpu()
 
 
 @torch.no_grad()
-def evaluate_method(model: nn.Module, loader: DataLoader, method: Method, device: torch.device,
-                    classes: int) -> Result:
-    """Top-1/top-5 accuracy, per-image GMACs and tokens kept over ``loader``."""
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, classes: int, d: Dist = Dist(),
+            desc: str = "eval", method: Method = DENSE) -> Result:
+    """Top-1/top-5 accuracy, per-image GMACs and tokens kept of ``model`` as it is (patched or not)
+    over ``loader``. Under torchrun each rank passes its :func:`~ats_vit.distributed.shard` and
+    every rank gets the whole dataset's result, in dataset order."""
+    model.eval()
     dense = dense_gmacs(model)
-    correct1 = correct5 = 0
-    gmacs, kept = [], []
+    hit1, hit5, gmacs, kept = [], [], [], []
     start = time.perf_counter()
-    with configured(model, method):
-        for images, labels in tqdm(loader, desc=method.label, leave=False):
-            logits, g, k = _forward_stats(model, method, images.to(device), dense)
-            top = logits.topk(min(5, classes), dim=-1).indices.cpu()
-            correct1 += int((top[:, 0] == labels).sum())
-            correct5 += int((top == labels[:, None]).any(dim=1).sum())
-            gmacs.append(g)
-            if k is not None:
-                kept.append(k)
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not d.main):
+        logits, g, k = _forward_stats(model, images.to(device), dense)
+        top = logits.topk(min(5, classes), dim=-1).indices.cpu()
+        hit1.append(top[:, 0] == labels)
+        hit5.append((top == labels[:, None]).any(dim=1))
+        gmacs.append(g)
+        if k is not None:
+            kept.append(k)
     seconds = time.perf_counter() - start
-    n = sum(len(g) for g in gmacs)
-    return Result(method, 100.0 * correct1 / n, 100.0 * correct5 / n if classes > 5 else None,
-                  torch.cat(gmacs).numpy(), torch.cat(kept).numpy() if kept else None, seconds)
+    hit1, hit5, g = (gather(torch.cat(t), d) for t in (hit1, hit5, gmacs))
+    k = gather(torch.cat(kept), d) if kept else None
+    n = len(g)
+    return Result(method, 100.0 * int(hit1.sum()) / n, 100.0 * int(hit5.sum()) / n if classes > 5 else None,
+                  g.numpy(), None if k is None else k.numpy(), seconds)
+
+
+def evaluate_method(model: nn.Module, loader: DataLoader, method: Method, device: torch.device,
+                    classes: int, d: Dist = Dist()) -> Result:
+    """:func:`predict` with ``model`` configured for ``method``."""
+    with configured(model, method):
+        return predict(model, loader, device, classes, d, method.label, method)
 
 
 @torch.no_grad()
@@ -106,7 +119,7 @@ def mean_gmacs(model: nn.Module, method: Method, images: torch.Tensor, batch_siz
     """Mean GMACs per image of ``method`` on ``images`` (a calibration batch)."""
     dense = dense_gmacs(model)
     with configured(model, method):
-        return float(torch.cat([_forward_stats(model, method, chunk, dense)[1]
+        return float(torch.cat([_forward_stats(model, chunk, dense)[1]
                                 for chunk in images.split(batch_size)]).mean())
 
 
@@ -184,8 +197,8 @@ def default_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
     return methods
 
 
-def model_throughput(model: nn.Module, method: Method, batch: torch.Tensor, warmup: int = 2,
-                     repeats: int = 5) -> float:
-    """Images per second of the model alone on ``batch`` (median of ``repeats`` timed runs)."""
-    with configured(model, method):
-        return median_throughput(model, batch, warmup=warmup, repeats=repeats)
+@contextmanager
+def configured_copies(model: nn.Module, methods: Sequence[Method]) -> Iterator[List[nn.Module]]:
+    """A copy of ``model`` configured for each of ``methods``, so they can run in turn."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(configured(copy.deepcopy(model), m)) for m in methods]

@@ -70,11 +70,13 @@ def _model_name_beside(path: Path) -> str:
     return json.loads(meta.read_text())["model"]
 
 
-def eval_transform(model: nn.Module):
-    """The model's own timm eval transform, after converting images to its channel count."""
+def eval_transform(model: nn.Module, training: bool = False):
+    """The model's own timm eval (or ``training``: train) transform, after converting images to
+    its channel count."""
     config = resolve_data_config({}, model=model)
     mode = "L" if config["input_size"][0] == 1 else "RGB"
-    return transforms.Compose([transforms.Lambda(lambda im: im.convert(mode)), create_transform(**config)])
+    return transforms.Compose([transforms.Lambda(lambda im: im.convert(mode)),
+                               create_transform(**config, is_training=training)])
 
 
 def read_image(path: str) -> Image.Image:
@@ -94,18 +96,43 @@ def load_dataset(data: str, model: nn.Module, limit: Optional[int] = None, root:
     if data == "fashion-mnist":
         dataset = fashion_mnist(train=False, root=root, transform=transform)
     else:
-        folder = Path(data)
-        if not folder.is_dir():
+        if not Path(data).is_dir():
             raise UserError(f"--data: {data} is neither 'fashion-mnist' nor a folder")
-        try:
-            dataset = datasets.ImageFolder(str(folder), transform=transform, loader=read_image)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UserError(f"--data {data}: {e}") from None
-    if limit is not None:
-        if limit < 1:
-            raise UserError(f"--limit must be >= 1, got {limit}")
-        dataset = Subset(dataset, range(min(limit, len(dataset))))
-    return dataset
+        dataset = _image_folder(Path(data), transform)
+    return _limited(dataset, limit)
+
+
+def _image_folder(folder: Path, transform) -> Dataset:
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform, loader=read_image)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"--data {folder}: {e}") from None
+
+
+def load_train_dataset(data: str, model: nn.Module, limit: Optional[int] = None,
+                       root: Optional[str] = None) -> Dataset:
+    """Training images: Fashion-MNIST's 60k (small shifts and flips, then the model's eval
+    transform: timm's train crops are too strong for 28 px images), or ``data/train`` of an
+    ImageNet-style folder with the model's timm train transform."""
+    if data == "fashion-mnist":
+        augment = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(),
+                                      eval_transform(model)])
+        dataset = fashion_mnist(train=True, root=root, transform=augment)
+    else:
+        folder = Path(data) / "train"
+        if not folder.is_dir():
+            raise UserError(f"--data {data}: training needs 'fashion-mnist' or a folder with train/ and val/ "
+                            "sub-folders of class folders")
+        dataset = _image_folder(folder, eval_transform(model, training=True))
+    return _limited(dataset, limit)
+
+
+def _limited(dataset: Dataset, limit: Optional[int]) -> Dataset:
+    if limit is None:
+        return dataset
+    if limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    return Subset(dataset, range(min(limit, len(dataset))))
 
 
 def num_classes(dataset: Dataset) -> int:

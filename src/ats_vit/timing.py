@@ -1,10 +1,11 @@
 """Wall-clock timing of a model alone: warm-up, then the median of repeated runs."""
 from __future__ import annotations
 
+import functools
 import itertools
 import statistics
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -40,10 +41,13 @@ def time_runs(fn: Callable[[], object], device: torch.device, warmup: int = 2, r
     return interleaved_times([fn], device, warmup, repeats)[0]
 
 
-def median_throughput(model: nn.Module, batch: torch.Tensor, warmup: int = 2, repeats: int = 5) -> float:
-    """Images per second of ``model`` on ``batch`` (the median run)."""
-    times = time_runs(lambda: model(batch), batch.device, warmup, repeats)
-    return len(batch) / statistics.median(times)
+def compare_throughput(models: Sequence[Callable[[torch.Tensor], object]], batch: torch.Tensor, warmup: int = 2,
+                       repeats: int = 5) -> List[Tuple[float, float]]:
+    """(images/s, speed-up over ``models[0]``) of each model on ``batch``, timed in interleaved
+    rounds: images/s from its median time, the speed-up the median of the rounds' paired ratios."""
+    times = interleaved_times([functools.partial(m, batch) for m in models], batch.device, warmup, repeats)
+    return [(len(batch) / statistics.median(t), statistics.median(b / x for b, x in zip(times[0], t)))
+            for t in times]
 
 
 @torch.no_grad()

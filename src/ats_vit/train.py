@@ -1,109 +1,164 @@
-"""Supervised training loop with timm's optimizer and scheduler, per-epoch logs and checkpoints."""
+"""Training loop (from scratch or fine-tuning, ATS in place or not): timm's AdamW and cosine
+schedule, autocast, DistributedDataParallel under torchrun, per-epoch logs and resumable
+checkpoints."""
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
+
+from .distributed import Dist, barrier, shard
+from .errors import UserError
+from .evaluate import predict
+
+AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS, STATE, LOG = "last.safetensors", "last_state.pt", "log.csv"
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 9
-    batch_size: int = 128
+    batch_size: int = 128  # global: split evenly over the processes
     lr: float = 1.5e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     clip_grad: float = 1.0
+    amp: str = "none"
+    workers: int = 0
     seed: int = 0
 
+    def check(self, device: torch.device, d: Dist, train_images: int) -> None:
+        """Refuse settings this device, process count or training set cannot run."""
+        if self.amp not in AMP_DTYPES:
+            raise UserError(f"--amp must be one of {list(AMP_DTYPES)}, got {self.amp!r}")
+        if self.amp == "float16" and device.type != "cuda":
+            raise UserError("--amp float16 needs a CUDA device (its gradient scaler is CUDA only); "
+                            "use bfloat16 on the CPU")
+        if self.epochs < 1 or self.lr <= 0:
+            raise UserError(f"--epochs must be >= 1 and --lr > 0, got {self.epochs} and {self.lr}")
+        if self.batch_size < 1 or self.batch_size % d.world:
+            raise UserError(f"--batch-size {self.batch_size} must be a positive multiple of the {d.world} processes")
+        if train_images < self.batch_size:
+            raise UserError(f"{train_images} training images do not fill one batch of {self.batch_size}")
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a generator for the data loader's shuffling."""
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval") -> Dict[str, float]:
-    """Top-1 accuracy (percent) of ``model`` on ``loader``."""
-    model.eval()
-    correct = total = 0
-    for images, labels in tqdm(loader, desc=desc, leave=False):
-        logits = model(images.to(device))
-        correct += int((logits.argmax(-1).cpu() == labels).sum())
-        total += len(labels)
-    return {"top1": 100.0 * correct / max(total, 1), "images": total}
+def _save_atomic(write: Callable[[str], None], path: Path) -> None:
+    """Write through a temporary file, so a killed run leaves the previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
 
 
-def fit(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: Path,
-        device: Optional[torch.device] = None,
+def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, classes: int, config: TrainConfig,
+        out_dir: Path, device: torch.device, d: Dist = Dist(), resume: bool = False,
         on_epoch: Callable[[Dict], None] = lambda row: None) -> List[Dict]:
-    """Train ``model``; after each epoch evaluate, log (CSV and JSON lines) and save weights.
+    """Train ``model`` as it is (ATS applied or not) and evaluate it after each epoch.
 
-    Writes ``out_dir/log.csv``, ``out_dir/log.jsonl``, ``out_dir/last.safetensors`` and
-    ``out_dir/last_state.pt`` (optimizer, scheduler, epoch).
+    Each epoch appends a row (train loss, test top-1, mean GMACs per test image, learning rate,
+    seconds) to ``out_dir/log.csv`` and ``log.jsonl`` and saves ``last.safetensors`` (weights) and
+    ``last_state.pt`` (optimizer, scheduler, gradient scaler, epoch, step). With ``resume`` the run
+    continues after the last saved epoch and computes what the uninterrupted run would have: every
+    epoch's data order and random state derive from (seed, epoch, rank) alone. Rank 0 writes.
     """
-    device = device or torch.device("cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    generator = seed_everything(config.seed)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
-                              drop_last=True)
-    test_loader = DataLoader(test_set, batch_size=256)
+    config.check(device, d, len(train_set))
+    steps_per_epoch = len(train_set) // config.batch_size
     model.to(device)
+    if resume:  # before DistributedDataParallel copies rank 0's weights to the others
+        model.load_state_dict(load_file(str(out_dir / WEIGHTS), device=str(device)))
+    sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed,
+                                 drop_last=True)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size // d.world, sampler=sampler, drop_last=True,
+                              num_workers=config.workers)
+    test_loader = DataLoader(shard(test_set, d), batch_size=256, num_workers=config.workers)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if d.world > 1 else model
     optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = len(train_loader)
     scheduler = CosineLRScheduler(optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.min_lr,
                                   warmup_t=int(config.warmup_epochs * steps_per_epoch), warmup_lr_init=1e-6,
                                   t_in_epochs=False)
+    amp = AMP_DTYPES[config.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    start_epoch, step = 0, 0
+    if resume:
+        state = torch.load(out_dir / STATE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, step = state["epoch"], state["step"]
+        if start_epoch >= config.epochs:
+            raise UserError(f"--resume: {out_dir} already finished its {config.epochs} epochs")
+        scheduler.step_update(step)
+        if d.main:  # rows logged after the last saved state belong to an epoch that is run again
+            _trim_log(out_dir, start_epoch)
     history: List[Dict] = []
-    step = 0
-    for epoch in range(config.epochs):
-        model.train()
-        start, loss_sum = time.time(), 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}")
+    for epoch in range(start_epoch, config.epochs):
+        seed_everything(config.seed + 1000 * epoch + d.rank)
+        sampler.set_epoch(epoch)
+        net.train()
+        start = time.time()
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, batches
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not d.main)
         for images, labels in bar:
-            loss = criterion(model(images.to(device)), labels.to(device))
+            with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+                loss = criterion(net(images.to(device)), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             scheduler.step_update(step)
-            loss_sum += loss.item()
+            loss_sum += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if d.world > 1:
+            torch.distributed.all_reduce(loss_sum)
         train_time = time.time() - start
-        metrics = evaluate(model, test_loader, device)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "test_top1": metrics["top1"],
-               "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": round(train_time, 1)}
+        result = predict(model, test_loader, device, classes, d)
+        row = {"epoch": epoch + 1, "step": step, "train_loss": float(loss_sum[0] / loss_sum[1]),
+               "test_top1": result.top1, "test_gmacs": result.mean_gmacs, "lr": optimizer.param_groups[0]["lr"],
+               "epoch_seconds": round(train_time, 1)}
         history.append(row)
-        _append_log(out_dir, row)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "last.safetensors"))
-        torch.save({"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "config": asdict(config)}, out_dir / "last_state.pt")
+        if d.main:  # the state file goes last: it marks the epoch as done
+            _append_log(out_dir, row)
+            _save_atomic(lambda f: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f),
+                         out_dir / WEIGHTS)
+            _save_atomic(lambda f: torch.save({"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
+                                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                               "config": asdict(config)}, f), out_dir / STATE)
+        barrier(d)
         on_epoch(row)
     return history
 
 
 def _append_log(out_dir: Path, row: Dict) -> None:
-    csv_path = out_dir / "log.csv"
+    csv_path = out_dir / LOG
     new = not csv_path.exists()
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))
@@ -112,3 +167,39 @@ def _append_log(out_dir: Path, row: Dict) -> None:
         writer.writerow(row)
     with open(out_dir / "log.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def _trim_log(out_dir: Path, epochs: int) -> None:
+    """Keep the log rows of the first ``epochs`` epochs."""
+    rows = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()] \
+        if (out_dir / "log.jsonl").exists() else []
+    for name in (LOG, "log.jsonl"):
+        (out_dir / name).unlink(missing_ok=True)
+    for row in rows:
+        if row["epoch"] <= epochs:
+            _append_log(out_dir, row)
+
+
+def check_run_folder(out_dir: Path, identity: Dict, resume: bool) -> None:
+    """With ``resume``: ``out_dir`` must hold a saved run described by ``identity`` (everything
+    that must not change between a run and its resumption). Without: it must hold no run."""
+    record = out_dir / "run.json"
+    if not resume:
+        if record.exists() or (out_dir / LOG).exists():
+            raise UserError(f"--out {out_dir} already holds a run; pass --resume to continue it or choose another folder")
+        return
+    if not (record.is_file() and (out_dir / STATE).is_file()):
+        raise UserError(f"--resume: {out_dir} holds no saved run (run.json and {STATE})")
+    saved = json.loads(record.read_text())
+    identity = json.loads(json.dumps(identity))  # compare as the record stores it (tuples become lists)
+    changed = [f"{k} was {saved.get(k)!r}, now {v!r}" for k, v in identity.items() if saved.get(k) != v]
+    if changed:
+        raise UserError(f"--resume: {out_dir} holds another run: " + "; ".join(changed))
+
+
+def claim_run_folder(out_dir: Path, identity: Dict, d: Dist) -> None:
+    """Record a new run in ``out_dir`` (rank 0, once every rank has validated its inputs)."""
+    barrier(d)
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run.json").write_text(json.dumps(identity, indent=2) + "\n")
