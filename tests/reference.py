@@ -98,3 +98,71 @@ def reference_forward(model, image: torch.Tensor, ats_blocks, k, rule=slow_its):
         x = y + blk.ls2(blk.mlp(blk.norm2(y)))
     logits = model.forward_head(model.norm(x)[None])
     return logits[0], kept
+
+
+def _attend_one(blk, x, size=None):
+    """Full attention of one image's tokens x (N, C): probabilities (H, N, N), keys, values, and
+    the attention residual y (N, C); ``size`` adds ToMe's log-size bias to each key."""
+    attn = blk.attn
+    N = x.shape[0]
+    H, hd = attn.num_heads, attn.head_dim
+    h = blk.norm1(x)
+    q, kk, v = attn.qkv(h).reshape(N, 3, H, hd).permute(1, 2, 0, 3)
+    q, kk = attn.q_norm(q), attn.k_norm(kk)
+    logits = (q * attn.scale) @ kk.transpose(-2, -1)
+    if size is not None:
+        logits = logits + torch.tensor(size, dtype=logits.dtype).log()[None, None, :]
+    A = torch.softmax(logits, dim=-1)
+    out = attn.proj(attn.norm((A @ v).transpose(0, 1).reshape(N, H * hd)))
+    return A, kk, x + blk.ls1(out)
+
+
+def reference_rival_forward(model, image: torch.Tensor, blocks, keep_fraction: float, kind: str):
+    """EViT or ToMe on one image, written from the papers with Python loops over tokens.
+
+    Returns logits and, per reducing block, the original positions its output patch tokens
+    continue (-1: EViT's fused token)."""
+    P = model.num_prefix_tokens
+    x = model.norm_pre(model._pos_embed(model.patch_embed(image)))[0]
+    positions = list(range(x.shape[0] - P))
+    size = None
+    record = {}
+    for i, blk in enumerate(model.blocks):
+        A, kk, y = _attend_one(blk, x, size)
+        if i in blocks:
+            n = y.shape[0] - P
+            keep = min(n, max(1, round(n * keep_fraction)))
+            if kind == "evit" and keep < n:
+                cls = [float(A[:, 0, P + j].mean()) for j in range(n)]
+                top = sorted(sorted(range(n), key=lambda j: (-cls[j], j))[:keep])
+                fused = sum(cls[j] * y[P + j] for j in range(n) if j not in top)
+                y = torch.cat([y[:P], y[[P + j for j in top]], fused[None]])
+                positions = [positions[j] for j in top] + [-1]
+            elif kind == "tome" and n >= 2 and keep < n:
+                r = min(n - keep, (n + 1) // 2)
+                sizes = size if size is not None else [1.0] * y.shape[0]
+                metric = kk.mean(0)[P:]
+                metric = metric / metric.norm(dim=-1, keepdim=True)
+                A_idx, B_idx = list(range(0, n, 2)), list(range(1, n, 2))
+                best = []
+                for a in A_idx:
+                    sims = [float(metric[a] @ metric[b]) for b in B_idx]
+                    m = max(sims)
+                    best.append((m, B_idx[sims.index(m)]))
+                ranked = sorted(range(len(A_idx)), key=lambda t: -best[t][0])  # stable: ties keep order
+                merged = set(ranked[:r])
+                tot = {b: sizes[P + b] for b in B_idx}
+                acc = {b: sizes[P + b] * y[P + b] for b in B_idx}
+                for t in merged:
+                    a, b = A_idx[t], best[t][1]
+                    tot[b] += sizes[P + a]
+                    acc[b] = acc[b] + sizes[P + a] * y[P + a]
+                rest = [A_idx[t] for t in range(len(A_idx)) if t not in merged]
+                y = torch.cat([y[:P], y[[P + a for a in rest]].reshape(len(rest), -1),
+                               torch.stack([acc[b] / tot[b] for b in B_idx])])
+                size = list(sizes[:P]) + [sizes[P + a] for a in rest] + [tot[b] for b in B_idx]
+                positions = [positions[a] for a in rest] + [positions[b] for b in B_idx]
+            record[i] = list(positions)
+        x = y + blk.ls2(blk.mlp(blk.norm2(y)))
+    logits = model.forward_head(model.norm(x)[None])
+    return logits[0], record

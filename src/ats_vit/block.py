@@ -13,7 +13,7 @@ rest of its batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from .sampling import NumSamples, Sampler, token_scores
+from .merging import evit_fuse, size_bias, tome_merge
+from .sampling import NumSamples, Sampler
+from .scoring import ScoreFn, attention_probs, class_attention_value_norm
 
 
 @dataclass
@@ -77,11 +79,13 @@ class Layout:
 @dataclass
 class Tokens:
     """A batch of token sequences: flat tokens (T, C), prefix tokens first in each image, their
-    layout, and the original patch index of each image's patch tokens (B, Nmax - prefix), -1 on
-    padding."""
+    layout, the original patch index of each image's patch tokens (B, Nmax - prefix), -1 on
+    padding or on a token that stands for no single patch, and, once tokens are merged, how many
+    patches each token stands for (B, Nmax)."""
     x: Tensor
     layout: Layout
     positions: Tensor
+    size: Optional[Tensor] = None
 
     def padded(self) -> Tensor:
         """(B, Nmax, C) tokens, padding rows arbitrary."""
@@ -103,7 +107,7 @@ def _sdpa(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tenso
                                               dropout_p=attn.attn_drop.p if attn.training else 0.0)
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
+        logits = logits + mask if mask.is_floating_point() else logits.masked_fill(~mask, float("-inf"))
     return attn.attn_drop(logits.softmax(dim=-1)) @ v
 
 
@@ -144,17 +148,25 @@ def _drop_path(module: nn.Module, y: Tensor, layout: Layout) -> Tensor:
     return y * keep[layout.image_of_row()][:, None]
 
 
-def _block_tail(block: nn.Module, x: Tensor, h: Optional[Tensor], out: Tensor, layout: Layout) -> Tensor:
-    """From the attention output (T, D) on: output norm, gate (on the normed input ``h``, needed
-    only when the attention has a gate), projection, residuals and MLP."""
+def _attention_residual(block: nn.Module, x: Tensor, h: Optional[Tensor], out: Tensor, layout: Layout) -> Tensor:
+    """From the attention output (T, D): output norm, gate (on the normed input ``h``, needed only
+    when the attention has a gate), projection and the residual onto ``x``."""
     attn = block.attn
     out = attn.norm(out)
     gate = getattr(attn, "gate", None)
     if gate is not None:
         out = out * gate(h).sigmoid()
     out = attn.proj_drop(attn.proj(out))
-    x = x + _drop_path(block.drop_path1, block.ls1(out), layout)
+    return x + _drop_path(block.drop_path1, block.ls1(out), layout)
+
+
+def _mlp_residual(block: nn.Module, x: Tensor, layout: Layout) -> Tensor:
     return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), layout)
+
+
+def _block_tail(block: nn.Module, x: Tensor, h: Optional[Tensor], out: Tensor, layout: Layout) -> Tensor:
+    """:func:`_attention_residual` then the MLP residual."""
+    return _mlp_residual(block, _attention_residual(block, x, h, out, layout), layout)
 
 
 def _qkv(attn: nn.Module, h: Tensor, layout: Layout) -> tuple[Tensor, Tensor, Tensor]:
@@ -168,6 +180,9 @@ def _qkv(attn: nn.Module, h: Tensor, layout: Layout) -> tuple[Tensor, Tensor, Te
 def dense_block(block: nn.Module, tokens: Tokens) -> Tokens:
     """A timm ``Block`` on every token, hiding padding keys from its attention."""
     layout = tokens.layout
+    if tokens.size is not None:  # merged tokens: every image holds the same count, no padding
+        x = block(tokens.padded(), attn_mask=size_bias(tokens.size)).flatten(0, 1)
+        return replace(tokens, x=x)
     if layout.valid is None or not layout.packed:
         # The padded batch is what timm's own block expects.
         x = block(tokens.padded(), attn_mask=layout.key_mask()).flatten(0, 1)
@@ -184,6 +199,7 @@ def ats_block(
         num_prefix_tokens: int,
         num_samples: NumSamples,
         sampler: Sampler,
+        scorer: ScoreFn = class_attention_value_norm,
 ) -> tuple[Tokens, Tensor]:
     """Run a timm ``Block`` with Adaptive Token Sampling inside its attention.
 
@@ -192,6 +208,7 @@ def ats_block(
     rows give the scores, ``sampler`` picks the patch tokens to keep, and only the prefix and kept
     tokens get attention rows (over all keys, not renormalised), projection, residual and MLP.
     Selection is not differentiated; gradients flow through the kept rows and the values.
+    ``scorer`` (see :mod:`ats_vit.scoring`) replaces the ATS score for ablations.
 
     Returns:
         the kept tokens (same layout kind, compacted to the batch's largest count) and the kept
@@ -205,11 +222,7 @@ def ats_block(
     q, k, v = _qkv(attn, h, layout)
 
     with record_function(SELECT_RANGE):
-        # Prefix rows need their probabilities (the class row scores the patch tokens).
-        logits = (q[:, :, :P] * attn.scale) @ k.transpose(-2, -1)
-        if layout.valid is not None:
-            logits = logits.masked_fill(~layout.key_mask(), float("-inf"))
-        index = sampler(token_scores(logits.softmax(dim=-1), v, P, layout.valid), num_samples)
+        index = sampler(scorer(q, k, v, P, layout.valid, attn.scale), num_samples)
 
     padded = index < 0
     prefix = torch.arange(P, device=index.device).expand(B, P)
@@ -227,3 +240,61 @@ def ats_block(
     y = _block_tail(block, tokens.x[flat_rows], gate, new_layout.unpad(out.transpose(1, 2).flatten(2)), new_layout)
     positions = tokens.positions.gather(1, index.clamp(min=0)).masked_fill(padded, -1)
     return Tokens(y, new_layout, positions), index
+
+
+def _uniform(tokens: Tokens, name: str) -> tuple[int, int]:
+    if tokens.layout.valid is not None:
+        raise ValueError(f"{name} blocks need every image to hold the same token count; "
+                         "they cannot follow blocks that keep a count per image")
+    return tokens.layout.shape
+
+
+def _attend_all(block: nn.Module, tokens: Tokens) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention residual of every token (B, N, C), with ToMe's size bias when sizes are tracked;
+    also the normed queries and keys (B, H, N, hd)."""
+    attn, (B, N) = block.attn, tokens.layout.shape
+    h = block.norm1(tokens.x)
+    q, k, v = _qkv(attn, h, tokens.layout)
+    out = _sdpa(attn, q, k, v, size_bias(tokens.size)).transpose(1, 2).flatten(2)
+    y = _attention_residual(block, tokens.x, h, out.flatten(0, 1), tokens.layout)
+    return y.view(B, N, -1), q, k
+
+
+def _merged_tokens(block: nn.Module, y: Tensor, positions: Tensor, size: Optional[Tensor],
+                   packed: bool) -> Tokens:
+    """The MLP residual on the reduced tokens (B, N', C)."""
+    B, N = y.shape[:2]
+    layout = Layout.dense(B, N, y.device, packed)
+    return Tokens(_mlp_residual(block, y.flatten(0, 1), layout), layout, positions, size)
+
+
+def evit_block(block: nn.Module, tokens: Tokens, num_prefix_tokens: int, keep: int) -> Tokens:
+    """A timm ``Block`` as EViT runs it: attention over all tokens, then the ``keep`` patch tokens
+    the class token attends to most (averaged over heads) go on and the rest are fused into one
+    token (:func:`~ats_vit.merging.evit_fuse`) before the MLP."""
+    B, N = _uniform(tokens, "EViT")
+    P = num_prefix_tokens
+    y, q, k = _attend_all(block, tokens)
+    if keep >= N - P:  # nothing to fuse
+        return _merged_tokens(block, y, tokens.positions, tokens.size, tokens.layout.packed)
+    with record_function(SELECT_RANGE):
+        cls_attn = attention_probs(q[:, :, :1], k, None, block.attn.scale)[:, :, 0, P:].mean(dim=1)
+        y, index = evit_fuse(y, cls_attn, P, keep)
+    positions = torch.cat([tokens.positions.gather(1, index), index.new_full((B, 1), -1)], dim=1)
+    return _merged_tokens(block, y, positions, None, tokens.layout.packed)
+
+
+def tome_block(block: nn.Module, tokens: Tokens, num_prefix_tokens: int, merge: int) -> Tokens:
+    """A timm ``Block`` as ToMe runs it: proportional attention over all tokens, then ``merge``
+    patch tokens merged away (:func:`~ats_vit.merging.tome_merge`, keys averaged over heads as
+    the similarity) before the MLP; sizes are tracked for later blocks' attention."""
+    B, N = _uniform(tokens, "ToMe")
+    P = num_prefix_tokens
+    y, _, k = _attend_all(block, tokens)
+    merge = min(merge, (N - P + 1) // 2) if N - P >= 2 else 0  # A's size; B must not be empty
+    if merge == 0:
+        return _merged_tokens(block, y, tokens.positions, tokens.size, tokens.layout.packed)
+    size = tokens.size if tokens.size is not None else y.new_ones(B, N)
+    with record_function(SELECT_RANGE):
+        y, size, source = tome_merge(y, size, k.mean(dim=1), P, merge)
+    return _merged_tokens(block, y, tokens.positions.gather(1, source), size, tokens.layout.packed)

@@ -134,7 +134,7 @@ def _eval(args: argparse.Namespace) -> int:
         num_tokens=args.num_tokens, sampler=args.sampler, target_gmacs=args.target_gmacs,
         reductions=args.reductions, limit=args.limit, calib_images=args.calib_images,
         batch_size=args.batch_size, workers=args.workers, device=args.device, out=args.out,
-        timing_repeats=args.timing_repeats, command="ats-vit " + " ".join(args.argv)))
+        timing_repeats=args.timing_repeats, suite=args.suite, command="ats-vit " + " ".join(args.argv)))
     return 0
 
 
@@ -154,6 +154,23 @@ def _bench(args: argparse.Namespace) -> int:
                            warmup=args.warmup, repeats=args.repeats, reduction=args.reduction, device=args.device,
                            out=args.out))
     return 0
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments ``eval`` and ``ablate`` share."""
+    parser.add_argument("--model", default=None, help="timm model name, or a local .safetensors with its metadata "
+                                                      "JSON beside it (default: the bundled Fashion-MNIST ViT)")
+    parser.add_argument("--checkpoint", default=None, help="local weights for --model, loaded by timm")
+    parser.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an image folder of class sub-folders")
+    parser.add_argument("--reductions", type=lambda t: [float(v) for v in t.split(",")], default=[0.4, 0.5, 0.6],
+                        help="GMACs reductions of the matched budgets")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    parser.add_argument("--calib-images", type=int, default=512, help="images used to find budgets")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--timing-repeats", type=int, default=5)
+    parser.add_argument("--out", default="runs/eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,24 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Without ATS options: the full comparison (dense, ATS released and at "
                                     "lower budgets, top-K and single-block ATS at matched GMACs). With "
                                     "--blocks/--num-tokens/--sampler/--target-gmacs: dense and that configuration.")
-    ev.add_argument("--model", default=None, help="timm model name, or a local .safetensors with its metadata "
-                                                  "JSON beside it (default: the bundled Fashion-MNIST ViT)")
-    ev.add_argument("--checkpoint", default=None, help="local weights for --model, loaded by timm")
-    ev.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an image folder of class sub-folders")
+    _add_eval_arguments(ev)
     ev.add_argument("--blocks", type=_parse_blocks, default=None, help="ATS blocks, e.g. 3-11 or 3,6,9")
     ev.add_argument("--num-tokens", type=_parse_budget, default=None, help="K: int, fraction, or one per block")
-    ev.add_argument("--sampler", default=None, help="inverse_transform (default) or topk")
+    ev.add_argument("--sampler", default=None, help="inverse_transform (default), topk or random")
     ev.add_argument("--target-gmacs", type=float, default=None, help="find K so the mean GMACs per image hit this")
-    ev.add_argument("--reductions", type=lambda t: [float(v) for v in t.split(",")], default=[0.4, 0.5, 0.6],
-                    help="GMACs reductions of the lower ATS budgets in the full comparison")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    ev.add_argument("--calib-images", type=int, default=512, help="images used to find budgets")
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--workers", type=int, default=2)
-    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ev.add_argument("--timing-repeats", type=int, default=5)
-    ev.add_argument("--out", default="runs/eval")
-    ev.set_defaults(run=_eval)
+    ev.set_defaults(run=_eval, suite="default")
+
+    ab = sub.add_parser("ablate", help="the paper's ablations and EViT/ToMe at matched GMACs, one table",
+                        description="Every variant (ATS, top-K and random selection; no value norm, all-query "
+                                    "attention and random scores; ATS in block 3 alone; EViT; ToMe) at each of "
+                                    "--reductions of dense GMACs, budgets found on the calibration images.")
+    _add_eval_arguments(ab)
+    ab.set_defaults(run=_eval, suite="ablate", out="runs/ablate", blocks=None, num_tokens=None, sampler=None,
+                    target_gmacs=None)
 
     vz = sub.add_parser("viz", help="draw, per image, the patches each ATS block kept")
     vz.add_argument("images", nargs="*", help="image files (PNG, JPEG, any size and mode)")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from .distributed import Dist, barrier, setup, shard
 from .errors import UserError
 from .evaluate import (DENSE, Method, Result, budget_for, check_target, configured, configured_copies,
-                       default_suite, dense_gmacs, evaluate_method)
+                       SUITES, dense_gmacs, evaluate_method)
 from .timing import compare_throughput
 from .loading import first_images, load_dataset, load_model, num_classes
 from .report import format_table
@@ -38,6 +38,7 @@ class EvalOptions:
     device: str = "cpu"
     out: str = "runs/eval"
     timing_repeats: int = 5
+    suite: str = "default"  # the comparison run without ATS options: "default" or "ablate"
     command: str = ""
 
     @property
@@ -48,7 +49,7 @@ class EvalOptions:
 def _methods(model, options: EvalOptions, calib: torch.Tensor, d: Dist) -> List[Method]:
     say = lambda s: print(f"[calibrating on {len(calib)} images] {s}", flush=True) if d.main else None
     if not options.custom:
-        return default_suite(model, calib, options.batch_size, options.reductions, progress=say)
+        return SUITES[options.suite](model, calib, options.batch_size, options.reductions, progress=say)
     depth = len(model.blocks)
     blocks = tuple(options.blocks) if options.blocks is not None else tuple(range(3, depth))
     sampler = options.sampler or "inverse_transform"
@@ -80,6 +81,7 @@ def run_eval(options: EvalOptions) -> List[Result]:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
     if options.workers < 0:
         raise UserError(f"--workers must be >= 0, got {options.workers}")
+    torch.manual_seed(0)  # the random-selection and random-score ablations draw from it
     with setup(options.device) as (d, device):
         model = load_model(options.model, options.checkpoint).to(device)
         dataset = load_dataset(options.data, model, options.limit)
@@ -113,7 +115,10 @@ def _rows(results: List[Result], dense: float) -> List[dict]:
             "family": r.method.family,
             "blocks": list(r.method.blocks) if r.method.blocks else [],
             "num_tokens": r.method.num_tokens,
-            "sampler": r.method.sampler if r.method.blocks else "",
+            "reducer": r.method.reducer if r.method.blocks else "",
+            "sampler": r.method.sampler if r.method.blocks and r.method.reducer == "ats" else "",
+            "scorer": r.method.scorer if r.method.blocks and r.method.reducer == "ats" else "",
+            "target_gmacs": r.method.target_gmacs,
             "top1": round(r.top1, 2),
             "top5": None if r.top5 is None else round(r.top5, 2),
             "gmacs": round(r.mean_gmacs, 5),

@@ -21,13 +21,17 @@ from .patch.timm import apply, is_patched, last_stats, remove
 
 @dataclass(frozen=True)
 class Method:
-    """One row of an evaluation: dense (``blocks`` None) or ATS with a sampler and budget."""
+    """One row of an evaluation: dense (``blocks`` None) or a token reducer (ATS with a sampler
+    and scorer, EViT or ToMe) with its blocks and budget."""
     label: str
     family: str
     blocks: Optional[Tuple[int, ...]] = None
     num_tokens: object = None
     sampler: str = "inverse_transform"
     mode: str = "packed"
+    scorer: str = "cls_value"
+    reducer: str = "ats"
+    target_gmacs: Optional[float] = None  # the mean GMACs its budget was searched for
 
     def with_tokens(self, num_tokens, label: str) -> "Method":
         return replace(self, label=label, num_tokens=num_tokens)
@@ -43,7 +47,8 @@ def configured(model: nn.Module, method: Method) -> Iterator[nn.Module]:
     if method.blocks is None:
         yield model
         return
-    apply(model, blocks=method.blocks, num_tokens=method.num_tokens, sampler=method.sampler, mode=method.mode)
+    apply(model, blocks=method.blocks, num_tokens=method.num_tokens, sampler=method.sampler, mode=method.mode,
+          scorer=method.scorer, reducer=method.reducer)
     try:
         yield model
     finally:
@@ -152,13 +157,13 @@ def budget_for(model: nn.Module, method: Method, images: torch.Tensor, target: f
     up to ``ITS_MAX_GRID`` times the patch count: the released K (the patch count) is inside that
     range, not its top."""
     def budget(knob: float):
-        if method.sampler != "inverse_transform":
+        if method.reducer != "ats" or method.sampler != "inverse_transform":
             return knob
         return max(1, round(knob * ITS_MAX_GRID * model.patch_embed.num_patches))
 
     knob, gmacs = match_gmacs(lambda f: mean_gmacs(model, method.with_tokens(budget(f), label), images, batch_size),
                               target)
-    return method.with_tokens(budget(knob), label), gmacs
+    return replace(method.with_tokens(budget(knob), label), target_gmacs=target), gmacs
 
 
 def check_target(model: nn.Module, method: Method, images: torch.Tensor, target: float, batch_size: int) -> None:
@@ -195,6 +200,39 @@ def default_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
         if row is not released:
             methods.append(budget_for(model, single, images, target, batch_size, f"ATS 3 only = {row.label}")[0])
     return methods
+
+
+def ablation_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
+                   reductions: Sequence[float] = (0.4, 0.5, 0.6),
+                   progress: Callable[[str], None] = lambda s: None) -> List[Method]:
+    """The paper's ablations and the rival reducers on ``model``, each at ``reductions`` of dense
+    GMACs (budgets found on ``images``): ATS in blocks 3..last against top-K and random selection,
+    against the class attention without the value norm, the attention from all queries and random
+    scores, against ATS in block 3 alone; and EViT and ToMe in blocks 3..last."""
+    depth = len(model.blocks)
+    late = tuple(range(3, depth))
+    span = f"3-{depth - 1}"
+    variants = [
+        Method("", f"ATS {span}", late),
+        Method("", f"top-K {span}", late, sampler="topk"),
+        Method("", f"random selection {span}", late, sampler="random"),
+        Method("", f"ATS {span}, no value norm", late, scorer="cls"),
+        Method("", f"ATS {span}, all-query attention", late, scorer="all_queries"),
+        Method("", f"ATS {span}, random scores", late, scorer="random"),
+        Method("", "ATS block 3", (3,)),
+        Method("", f"EViT {span}", late, reducer="evit"),
+        Method("", f"ToMe {span}", late, reducer="tome"),
+    ]
+    dense = dense_gmacs(model)
+    methods = [DENSE]
+    for r in reductions:
+        for v in variants:
+            progress(f"finding the budget of {v.family} for {r:.0%} fewer GMACs")
+            methods.append(budget_for(model, v, images, (1 - r) * dense, batch_size, f"{v.family} -{r:.0%}")[0])
+    return methods
+
+
+SUITES = {"default": default_suite, "ablate": ablation_suite}
 
 
 @contextmanager

@@ -5,7 +5,8 @@ embedding convolution, and the two attention matmuls (q kᵀ and A v); norms, ac
 softmax are left out. Dense DeiT-S at 224 px is 4.6 GMACs. An ATS block computes queries, keys
 and values for all tokens entering it (one fused projection) but attention rows, projection and MLP
 only for the tokens it keeps, so its cost depends on both counts; scoring adds the prefix rows'
-q kᵀ over all keys (their attention rows are computed again with the kept ones').
+q kᵀ over all keys (their attention rows are computed again with the kept ones'). EViT and ToMe
+blocks attend with every token and shrink the batch before the MLP.
 """
 from __future__ import annotations
 
@@ -28,21 +29,43 @@ def linear_macs(module: Optional[nn.Module]) -> int:
 @dataclass(frozen=True)
 class BlockCost:
     """Per-token MACs of one transformer block, split by what scales with which token count."""
+    width: int  # token width C
+    head_dim: int
     qkv: int  # per token entering: query, key and value projection
-    per_kept: int  # per token leaving: output projection, gate, MLP
+    proj: int  # per attention row: output projection and gate
+    mlp: int  # per token leaving
     attn_pair: int  # per (query, key) pair: q kᵀ plus A v
 
     @classmethod
     def of(cls, block: nn.Module) -> "BlockCost":
         attn = block.attn
-        per_kept = linear_macs(attn.proj) + linear_macs(getattr(attn, "gate", None)) + linear_macs(block.mlp)
-        return cls(qkv=linear_macs(attn.qkv), per_kept=per_kept, attn_pair=2 * attn.num_heads * attn.head_dim)
+        return cls(width=attn.qkv.in_features, head_dim=attn.head_dim, qkv=linear_macs(attn.qkv),
+                   proj=linear_macs(attn.proj) + linear_macs(getattr(attn, "gate", None)),
+                   mlp=linear_macs(block.mlp), attn_pair=2 * attn.num_heads * attn.head_dim)
 
-    def macs(self, n_in: Count, n_out: Count, scoring_rows: int = 0) -> Count:
-        """MACs of the block when ``n_in`` tokens enter and ``n_out`` leave; an ATS block scores
-        with ``scoring_rows`` (its prefix tokens') query rows, a dense block with none."""
-        return (n_in * self.qkv + n_out * self.per_kept + n_out * n_in * self.attn_pair
-                + scoring_rows * n_in * (self.attn_pair // 2))
+    def macs(self, n_in: Count, n_out: Count, kind: str = "dense", num_prefix: int = 0,
+             scoring_rows: str = "prefix") -> Count:
+        """MACs of the block when ``n_in`` tokens enter and ``n_out`` leave.
+
+        kind: ``"dense"``; ``"ats"`` (attention rows, projection and MLP for the kept tokens only;
+        the scorer computes q kᵀ for ``scoring_rows``: the ``"prefix"`` rows, ``"all"`` or
+        ``"none"``); ``"evit"`` and ``"tome"`` (attention and projection for every token entering,
+        the MLP for those leaving; EViT's class row q kᵀ and fusion matmul, ToMe's A-B similarity).
+        """
+        score_pair = self.attn_pair // 2
+        if kind == "dense":
+            return n_in * (self.qkv + self.proj + self.mlp) + n_in * n_in * self.attn_pair
+        if kind == "ats":
+            rows = {"prefix": num_prefix, "all": n_in, "none": 0}[scoring_rows]
+            return (n_in * self.qkv + rows * n_in * score_pair
+                    + n_out * n_in * self.attn_pair + n_out * (self.proj + self.mlp))
+        shared = n_in * (self.qkv + self.proj) + n_in * n_in * self.attn_pair + n_out * self.mlp
+        if kind == "evit":  # the fusion weighs every patch token (zero weight on the kept ones)
+            return shared + n_in * score_pair + (n_in - num_prefix) * self.width
+        if kind == "tome":
+            patches = n_in - num_prefix
+            return shared + ((patches + 1) // 2) * (patches // 2) * self.head_dim
+        raise ValueError(f"kind must be dense, ats, evit or tome, got {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -59,21 +82,21 @@ class ViTCost:
         head = linear_macs(model.head) + linear_macs(getattr(model, "head_dist", None))
         return cls(per_patch=per_patch, head=head, blocks=[BlockCost.of(b) for b in model.blocks])
 
-    def macs(self, num_patches: int, tokens: Tensor, ats_blocks: Sequence[int] = (),
-             num_prefix_tokens: int = 1) -> Tensor:
+    def macs(self, num_patches: int, tokens: Tensor, reduced: Sequence[int] = (), kind: str = "ats",
+             num_prefix_tokens: int = 1, scoring_rows: str = "prefix") -> Tensor:
         """MACs per image from the tokens each block saw.
 
         Args:
             num_patches: patch tokens the patch embedding produced.
             tokens: (B, depth + 1) tokens (prefix included) entering each block, and leaving the last.
-            ats_blocks: the blocks that score and sample tokens.
-            num_prefix_tokens: their scoring query rows.
+            reduced: the blocks that reduce tokens, as ``kind`` (see :meth:`BlockCost.macs`).
         """
         total = torch.full(tokens.shape[:1], float(num_patches * self.per_patch + self.head),
                            dtype=torch.float64, device=tokens.device)
         t = tokens.to(torch.float64)
         for i, cost in enumerate(self.blocks):
-            total = total + cost.macs(t[:, i], t[:, i + 1], num_prefix_tokens if i in ats_blocks else 0)
+            total = total + cost.macs(t[:, i], t[:, i + 1], kind if i in reduced else "dense",
+                                      num_prefix_tokens, scoring_rows)
         return total
 
     def dense_macs(self, num_patches: int, num_prefix_tokens: int) -> int:

@@ -1,13 +1,16 @@
-"""Token selection rules chosen by name: scores in, kept indices out (see :mod:`ats_vit.sampling`)."""
+"""Token selection and scoring rules chosen by name (see :mod:`ats_vit.sampling` and
+:mod:`ats_vit.scoring`)."""
 from __future__ import annotations
 
 from typing import Dict
 
-from .sampling import Sampler, inverse_transform_sampling, topk_sampling
+from .sampling import Sampler, inverse_transform_sampling, random_sampling, topk_sampling
+from .scoring import SCORERS, Scorer
 
 _SAMPLERS: Dict[str, Sampler] = {
     "inverse_transform": inverse_transform_sampling,
     "topk": topk_sampling,
+    "random": random_sampling,
 }
 
 
@@ -32,3 +35,15 @@ def get_sampler(name: str) -> Sampler:
     if not isinstance(name, str) or name not in _SAMPLERS:
         raise ValueError(f"sampler must be one of {list_samplers()}, got {name!r}")
     return _SAMPLERS[name]
+
+
+def list_scorers() -> list[str]:
+    """Names accepted by ``scorer=``."""
+    return sorted(SCORERS)
+
+
+def get_scorer(name: str) -> Scorer:
+    """The scoring rule registered as ``name``; a ValueError lists the allowed names otherwise."""
+    if not isinstance(name, str) or name not in SCORERS:
+        raise ValueError(f"scorer must be one of {list_scorers()}, got {name!r}")
+    return SCORERS[name]

@@ -22,11 +22,13 @@ def token_scores(
         v: Tensor,
         num_prefix_tokens: int = 1,
         token_mask: Optional[Tensor] = None,
+        value_norm: bool = True,
 ) -> Tensor:
     """Significance score of each patch token, normalised to sum 1 over each row's real tokens.
 
     The score of patch token j is the class token's attention to j summed over heads, times the
-    norm of j's value vector with all heads concatenated (ATS, Fayyaz et al. 2022, eq. 4).
+    norm of j's value vector with all heads concatenated (ATS, Fayyaz et al. 2022, eq. 4);
+    without ``value_norm``, the attention alone (the paper's ablation).
 
     Args:
         attn: softmaxed attention (B, H, Nq, N) whose query row 0 is the class token's;
@@ -49,9 +51,9 @@ def token_scores(
         raise ValueError(f"num_prefix_tokens must be an int in [1, {N}], got {num_prefix_tokens}")
     P = num_prefix_tokens
     dtype = torch.promote_types(torch.promote_types(attn.dtype, v.dtype), torch.float32)
-    cls_attn = attn[:, :, 0, P:].sum(dim=1, dtype=dtype)
-    v_norm = torch.linalg.vector_norm(v[:, :, P:], dim=(1, 3), dtype=dtype)  # over heads and head dims
-    scores = cls_attn * v_norm
+    scores = attn[:, :, 0, P:].sum(dim=1, dtype=dtype)
+    if value_norm:
+        scores = scores * torch.linalg.vector_norm(v[:, :, P:], dim=(1, 3), dtype=dtype)  # over heads, head dims
     if token_mask is not None:
         if token_mask.shape == (B, N):
             token_mask = token_mask[:, P:]
@@ -170,3 +172,12 @@ def topk_sampling(scores: Tensor, num_samples: NumSamples) -> Tensor:
     take = (rank < k[:, None]) & eligible.gather(1, order)
     keep = torch.zeros_like(eligible).scatter(1, order, take)
     return keep_mask_to_index(keep)
+
+
+def random_sampling(scores: Tensor, num_samples: NumSamples) -> Tensor:
+    """Keep K eligible tokens drawn uniformly at random from torch's generator, ignoring the
+    scores' values: the no-information selection baseline; same contract as
+    :func:`inverse_transform_sampling`."""
+    eligible = _eligible(scores.detach())
+    draw = torch.rand(scores.shape, dtype=torch.float64, device=scores.device)
+    return topk_sampling(torch.where(eligible, draw + 1.0, 0.0), num_samples)

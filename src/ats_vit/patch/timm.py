@@ -16,17 +16,21 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..block import Layout, Tokens, ats_block, dense_block
+from ..block import Layout, Tokens, ats_block, dense_block, evit_block, tome_block
 from ..flops import ViTCost
-from ..registry import get_sampler
+from ..registry import get_sampler, get_scorer
 from ..stats import ATSStats
 
 TokenBudget = Union[None, int, float]
 _CONFIG = "_ats_config"
 _LAST = "_ats_last"
 _VALID = "_ats_valid"
+_SIZE = "_ats_size"
 _POOLS = ("", "token", "avg", "max", "avgmax")
 MODES = ("packed", "padded")
+
+
+REDUCERS = ("ats", "evit", "tome")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class ATSConfig:
     mode: str
     cost: ViTCost
     original_class: type
+    scorer: str = "cls_value"
+    reducer: str = "ats"
 
 
 def _check_model(model: nn.Module) -> None:
@@ -112,8 +118,10 @@ def apply(
         num_tokens: Union[TokenBudget, Sequence[TokenBudget]] = None,
         sampler: str = "inverse_transform",
         mode: str = "packed",
+        scorer: str = "cls_value",
+        reducer: str = "ats",
 ) -> nn.Module:
-    """Put ATS into ``model`` in place and return it.
+    """Put ATS (or, for comparison, another token reducer) into ``model`` in place and return it.
 
     Args:
         model: a timm ``VisionTransformer`` (any subclass built on its standard blocks).
@@ -127,18 +135,30 @@ def apply(
         mode: ``"packed"`` runs the layers after an ATS block on the kept tokens only;
             ``"padded"`` pads every image to the batch's largest count, as the released
             implementation does. Both compute the same outputs.
+        scorer: how ATS scores tokens, a name from :func:`ats_vit.list_scorers`: ``"cls_value"``
+            (the paper's), ``"cls"`` (without the value norm), ``"all_queries"``, ``"random"``.
+        reducer: ``"ats"``; or the rivals ``"evit"`` (keep the ``num_tokens`` patch tokens the
+            class token attends to most, fuse the rest into one) and ``"tome"`` (merge patch
+            tokens by bipartite soft matching down to ``num_tokens``, at most half per block),
+            for which ``sampler`` and ``scorer`` do not apply and ``None`` means no reduction.
     """
     _check_model(model)
     block_ids = _check_blocks(blocks, len(model.blocks))
     budgets = _check_num_tokens(num_tokens, len(block_ids))
     get_sampler(sampler)
+    get_scorer(scorer)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    config = ATSConfig(block_ids, budgets, sampler, mode, ViTCost.of(model), type(model))
+    if reducer not in REDUCERS:
+        raise ValueError(f"reducer must be one of {list(REDUCERS)}, got {reducer!r}")
+    if reducer != "ats" and (sampler, scorer) != ("inverse_transform", "cls_value"):
+        raise ValueError(f"sampler and scorer apply to reducer='ats' only, not {reducer!r}")
+    config = ATSConfig(block_ids, budgets, sampler, mode, ViTCost.of(model), type(model), scorer, reducer)
     model.__class__ = _patched_class(type(model))
     setattr(model, _CONFIG, config)
     setattr(model, _LAST, None)
     setattr(model, _VALID, None)
+    setattr(model, _SIZE, None)
     return model
 
 
@@ -148,7 +168,7 @@ def remove(model: nn.Module) -> nn.Module:
     if config is None:
         raise ValueError("model is not patched with ATS (ats_vit.apply was never called on it)")
     model.__class__ = config.original_class
-    for name in (_CONFIG, _LAST, _VALID):
+    for name in (_CONFIG, _LAST, _VALID, _SIZE):
         delattr(model, name)
     return model
 
@@ -168,6 +188,11 @@ def last_stats(model: nn.Module) -> ATSStats:
     return stats
 
 
+def _uniform_budget(value: Union[int, float], entering: int) -> int:
+    """Patch tokens an EViT/ToMe block keeps out of ``entering`` (the same for every image)."""
+    return min(entering, value if isinstance(value, int) else max(1, round(entering * value)))
+
+
 def _budget(value: TokenBudget, tokens: Tokens, num_patches: int, num_prefix: int):
     if value is None:
         return num_patches
@@ -184,7 +209,7 @@ class _ATSVisionTransformer:
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask and is_causal are not supported while ATS is applied")
         config: ATSConfig = getattr(self, _CONFIG)
-        sampler = get_sampler(config.sampler)
+        sampler, scorer = get_sampler(config.sampler), get_scorer(config.scorer)
         P = self.num_prefix_tokens
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         B, N, _ = x.shape
@@ -199,9 +224,17 @@ class _ATSVisionTransformer:
         counts, positions = [layout.counts()], []
         budgets = dict(zip(config.blocks, config.num_tokens))
         for i, blk in enumerate(self.blocks):
-            if i in budgets:
+            if i in budgets and config.reducer == "ats":
                 k = _budget(budgets[i], tokens, n, P)
-                tokens, _ = run(ats_block, blk, tokens, P, k, sampler)
+                tokens, _ = run(ats_block, blk, tokens, P, k, sampler, scorer.fn)
+                positions.append(tokens.positions)
+            elif i in budgets:
+                entering = tokens.layout.shape[1] - P
+                keep = entering if budgets[i] is None else _uniform_budget(budgets[i], entering)
+                if config.reducer == "evit":
+                    tokens = run(evit_block, blk, tokens, P, keep)
+                else:
+                    tokens = run(tome_block, blk, tokens, P, entering - keep)
                 positions.append(tokens.positions)
             else:
                 tokens = run(dense_block, blk, tokens)
@@ -209,25 +242,28 @@ class _ATSVisionTransformer:
 
         token_counts = torch.stack(counts, dim=1)
         setattr(self, _VALID, tokens.layout.valid)
+        setattr(self, _SIZE, tokens.size)
         setattr(self, _LAST, ATSStats(
             blocks=config.blocks,
             num_patches=n,
             num_kept=token_counts[:, [i + 1 for i in config.blocks]] - P,
             positions=tuple(positions),
             tokens=token_counts,
-            gmacs=config.cost.macs(n, token_counts, config.blocks, P) / 1e9,
+            gmacs=config.cost.macs(n, token_counts, config.blocks, config.reducer, P, scorer.query_rows) / 1e9,
             dense_gmacs=config.cost.dense_macs(n, P) / 1e9,
         ))
         return self.norm(tokens.padded())
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
-        valid = getattr(self, _VALID)
-        if valid is None or pool_type in ("", "token") or valid.shape != x.shape[:2]:
+        valid, size = getattr(self, _VALID), getattr(self, _SIZE)
+        weight = size if size is not None else valid  # merged tokens weigh as many patches as they hold
+        if weight is None or pool_type in ("", "token") or weight.shape != x.shape[:2]:
             return super().pool(x, pool_type)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        x, keep = x[:, start:], valid[:, start:, None]
-        mean = (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+        x, weight = x[:, start:], weight[:, start:, None].to(x.dtype)
+        keep = weight > 0
+        mean = (x * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
         if pool_type == "avg":
             return mean
         peak = x.masked_fill(~keep, float("-inf")).amax(dim=1)

@@ -1,0 +1,27 @@
+"""`ats-vit ablate`: every variant at matched measured GMACs, one table, JSON/CSV and a plot."""
+import csv
+import json
+
+from conftest import run
+
+
+def test_ablate_matches_every_variant_to_the_target_gmacs(tmp_path, capsys):
+    code, out, err = run(["ablate", "--limit", "64", "--calib-images", "64", "--batch-size", "64",
+                          "--reductions", "0.5", "--timing-repeats", "1", "--workers", "0", "--out", str(tmp_path)],
+                         capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = report["rows"]
+    dense = rows[0]
+    assert dense["method"] == "dense" and len(rows) == 1 + 9
+    assert {r["reducer"] for r in rows[1:]} == {"ats", "evit", "tome"}
+    assert {r["sampler"] for r in rows[1:] if r["reducer"] == "ats"} == {"inverse_transform", "topk", "random"}
+    assert {r["scorer"] for r in rows[1:] if r["reducer"] == "ats"} == {"cls_value", "cls", "all_queries", "random"}
+    for r in rows[1:]:
+        # calibration and evaluation images are the same 64 here, so the search's result shows
+        assert abs(r["gmacs"] - r["target_gmacs"]) <= 0.02 * r["target_gmacs"], r
+        assert r["target_gmacs"] == 0.5 * report["meta"]["dense_gmacs"]
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 10
+    assert (tmp_path / "accuracy_vs_gmacs.png").stat().st_size > 0
+    assert "ToMe 3-11 -50%" in out and "EViT 3-11 -50%" in out
