@@ -80,10 +80,7 @@ def reference_forward(model, image: torch.Tensor, ats_blocks, k, rule=slow_its):
         attn = blk.attn
         N = x.shape[0]
         H, hd = attn.num_heads, attn.head_dim
-        h = blk.norm1(x)
-        q, kk, v = attn.qkv(h).reshape(N, 3, H, hd).permute(1, 2, 0, 3)
-        q, kk = attn.q_norm(q), attn.k_norm(kk)
-        A = torch.softmax((q * attn.scale) @ kk.transpose(-2, -1), dim=-1)
+        A, _, v = _attention_one(blk, x)
         rows = list(range(N))
         if i in ats_blocks:
             with torch.no_grad():
@@ -100,20 +97,24 @@ def reference_forward(model, image: torch.Tensor, ats_blocks, k, rule=slow_its):
     return logits[0], kept
 
 
-def _attend_one(blk, x, size=None):
-    """Full attention of one image's tokens x (N, C): probabilities (H, N, N), keys, values, and
-    the attention residual y (N, C); ``size`` adds ToMe's log-size bias to each key."""
+def _attention_one(blk, x, size=None):
+    """Full attention of one image's tokens x (N, C): probabilities (H, N, N), keys and values
+    (H, N, d); ``size`` adds ToMe's log-size bias to each key."""
     attn = blk.attn
     N = x.shape[0]
-    H, hd = attn.num_heads, attn.head_dim
     h = blk.norm1(x)
-    q, kk, v = attn.qkv(h).reshape(N, 3, H, hd).permute(1, 2, 0, 3)
+    q, kk, v = attn.qkv(h).reshape(N, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
     q, kk = attn.q_norm(q), attn.k_norm(kk)
     logits = (q * attn.scale) @ kk.transpose(-2, -1)
     if size is not None:
         logits = logits + torch.tensor(size, dtype=logits.dtype).log()[None, None, :]
-    A = torch.softmax(logits, dim=-1)
-    out = attn.proj(attn.norm((A @ v).transpose(0, 1).reshape(N, H * hd)))
+    return torch.softmax(logits, dim=-1), kk, v
+
+
+def _attend_one(blk, x, size=None):
+    """:func:`_attention_one`'s probabilities and keys, and the attention residual y (N, C)."""
+    A, kk, v = _attention_one(blk, x, size)
+    out = blk.attn.proj(blk.attn.norm((A @ v).transpose(0, 1).reshape(x.shape[0], -1)))
     return A, kk, x + blk.ls1(out)
 
 

@@ -21,7 +21,7 @@ def test_bench_bundled_model_reports_every_column(tmp_path, capsys):
         assert r["ideal_speedup"] == pytest.approx(rows[0]["gmacs"] / r["gmacs"])
         if r["method"] != "dense":
             assert len(r["tokens_per_ats_block"]) == 9 and r["gmacs"] < rows[0]["gmacs"]
-            assert 0 < r["selection_share"] < 0.5
+            assert 0 < r["selection_share"] < 1
     packed = [r for r in rows if r["method"].endswith("packed")]
     padded = [r for r in rows if r["method"].endswith("padded")]
     assert [r["gmacs"] for r in packed] == [r["gmacs"] for r in padded]  # same images, same tokens

@@ -96,7 +96,7 @@ def fresh():
     (dict(num_tokens="all"), TypeError, "num_tokens"),
     (dict(blocks=[3, 4], num_tokens=[10]), ValueError, "one per ATS block"),
     (dict(num_tokens=[10] * 8 + [0]), ValueError, "num_tokens must be >= 1"),
-    (dict(sampler="random"), ValueError, "sampler must be one of"),
+    (dict(sampler="gumbel"), ValueError, "sampler must be one of"),
     (dict(mode="nested"), ValueError, "mode must be one of"),
 ])
 def test_bad_arguments_leave_the_model_untouched(kwargs, error, match):
