@@ -124,3 +124,13 @@ def test_two_process_finetune_lowers_the_loss(tmp_path):
     assert [r["epoch"] for r in log] == [1, 2, 3]  # one writer: rank 0
     assert [r["step"] for r in log] == [8, 16, 24]  # 512 images, global batch 64 split over 2 processes
     assert log[-1]["train_loss"] < log[0]["train_loss"]
+
+
+def test_train_command_logs_checkpoints_and_refuses_to_resume_a_finished_run(tmp_path, capsys):
+    out = tmp_path / "scratch"
+    args = ["train", "--limit", "256", "--epochs", "1", "--batch-size", "128", "--out", str(out)]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    assert [r["step"] for r in _log(out)] == [2] and (out / "vit_fmnist_patch2_28.safetensors").is_file()
+    code, _, err = run(args + ["--resume"], capsys)
+    assert code == 2 and "already finished its 1 epochs" in err and one_error_line(err)
