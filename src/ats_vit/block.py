@@ -200,7 +200,7 @@ def ats_block(
         num_samples: NumSamples,
         sampler: Sampler,
         scorer: ScoreFn = class_attention_value_norm,
-) -> tuple[Tokens, Tensor]:
+) -> Tokens:
     """Run a timm ``Block`` with Adaptive Token Sampling inside its attention.
 
     Queries, keys and values are computed for every token entering the block in one projection
@@ -211,8 +211,8 @@ def ats_block(
     ``scorer`` (see :mod:`ats_vit.scoring`) replaces the ATS score for ablations.
 
     Returns:
-        the kept tokens (same layout kind, compacted to the batch's largest count) and the kept
-        patch indices into the incoming patch tokens (B, K'max), -1 on padding.
+        the kept tokens (same layout kind, compacted to the batch's largest count); their
+        ``positions`` say which original patches they are.
     """
     attn = block.attn
     layout = tokens.layout
@@ -239,7 +239,7 @@ def ats_block(
     gate = h[flat_rows] if getattr(attn, "gate", None) is not None else None
     y = _block_tail(block, tokens.x[flat_rows], gate, new_layout.unpad(out.transpose(1, 2).flatten(2)), new_layout)
     positions = tokens.positions.gather(1, index.clamp(min=0)).masked_fill(padded, -1)
-    return Tokens(y, new_layout, positions), index
+    return Tokens(y, new_layout, positions)
 
 
 def _uniform(tokens: Tokens, name: str) -> tuple[int, int]:

@@ -30,9 +30,6 @@ _POOLS = ("", "token", "avg", "max", "avgmax")
 MODES = ("packed", "padded")
 
 
-REDUCERS = ("ats", "evit", "tome")
-
-
 @dataclass(frozen=True)
 class ATSConfig:
     """How a model was patched; kept on the model, outside its state dict."""
@@ -149,8 +146,8 @@ def apply(
     get_scorer(scorer)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    if reducer not in REDUCERS:
-        raise ValueError(f"reducer must be one of {list(REDUCERS)}, got {reducer!r}")
+    if reducer not in _REDUCERS:
+        raise ValueError(f"reducer must be one of {list(_REDUCERS)}, got {reducer!r}")
     if reducer != "ats" and (sampler, scorer) != ("inverse_transform", "cls_value"):
         raise ValueError(f"sampler and scorer apply to reducer='ats' only, not {reducer!r}")
     config = ATSConfig(block_ids, budgets, sampler, mode, ViTCost.of(model), type(model), scorer, reducer)
@@ -188,8 +185,10 @@ def last_stats(model: nn.Module) -> ATSStats:
     return stats
 
 
-def _uniform_budget(value: Union[int, float], entering: int) -> int:
+def _uniform_budget(value: TokenBudget, entering: int) -> int:
     """Patch tokens an EViT/ToMe block keeps out of ``entering`` (the same for every image)."""
+    if value is None:
+        return entering
     return min(entering, value if isinstance(value, int) else max(1, round(entering * value)))
 
 
@@ -202,6 +201,28 @@ def _budget(value: TokenBudget, tokens: Tokens, num_patches: int, num_prefix: in
     return value
 
 
+def _reduce_ats(block: nn.Module, tokens: Tokens, num_prefix: int, value: TokenBudget, num_patches: int,
+                config: ATSConfig) -> Tokens:
+    k = _budget(value, tokens, num_patches, num_prefix)
+    return ats_block(block, tokens, num_prefix, k, get_sampler(config.sampler), get_scorer(config.scorer).fn)
+
+
+def _reduce_evit(block: nn.Module, tokens: Tokens, num_prefix: int, value: TokenBudget, num_patches: int,
+                 config: ATSConfig) -> Tokens:
+    return evit_block(block, tokens, num_prefix, _uniform_budget(value, tokens.layout.shape[1] - num_prefix))
+
+
+def _reduce_tome(block: nn.Module, tokens: Tokens, num_prefix: int, value: TokenBudget, num_patches: int,
+                 config: ATSConfig) -> Tokens:
+    entering = tokens.layout.shape[1] - num_prefix
+    return tome_block(block, tokens, num_prefix, entering - _uniform_budget(value, entering))
+
+
+# Every reducer runs one block on a token batch: (block, tokens, prefix count, its budget, the
+# input's patch count, the patch config) -> tokens.
+_REDUCERS = {"ats": _reduce_ats, "evit": _reduce_evit, "tome": _reduce_tome}
+
+
 class _ATSVisionTransformer:
     """Methods that replace ``VisionTransformer``'s while ATS is applied."""
 
@@ -209,7 +230,7 @@ class _ATSVisionTransformer:
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask and is_causal are not supported while ATS is applied")
         config: ATSConfig = getattr(self, _CONFIG)
-        sampler, scorer = get_sampler(config.sampler), get_scorer(config.scorer)
+        reduce = _REDUCERS[config.reducer]
         P = self.num_prefix_tokens
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         B, N, _ = x.shape
@@ -224,17 +245,8 @@ class _ATSVisionTransformer:
         counts, positions = [layout.counts()], []
         budgets = dict(zip(config.blocks, config.num_tokens))
         for i, blk in enumerate(self.blocks):
-            if i in budgets and config.reducer == "ats":
-                k = _budget(budgets[i], tokens, n, P)
-                tokens, _ = run(ats_block, blk, tokens, P, k, sampler, scorer.fn)
-                positions.append(tokens.positions)
-            elif i in budgets:
-                entering = tokens.layout.shape[1] - P
-                keep = entering if budgets[i] is None else _uniform_budget(budgets[i], entering)
-                if config.reducer == "evit":
-                    tokens = run(evit_block, blk, tokens, P, keep)
-                else:
-                    tokens = run(tome_block, blk, tokens, P, entering - keep)
+            if i in budgets:
+                tokens = run(reduce, blk, tokens, P, budgets[i], n, config)
                 positions.append(tokens.positions)
             else:
                 tokens = run(dense_block, blk, tokens)
@@ -249,7 +261,8 @@ class _ATSVisionTransformer:
             num_kept=token_counts[:, [i + 1 for i in config.blocks]] - P,
             positions=tuple(positions),
             tokens=token_counts,
-            gmacs=config.cost.macs(n, token_counts, config.blocks, config.reducer, P, scorer.query_rows) / 1e9,
+            gmacs=config.cost.macs(n, token_counts, config.blocks, config.reducer, P,
+                                   get_scorer(config.scorer).query_rows) / 1e9,
             dense_gmacs=config.cost.dense_macs(n, P) / 1e9,
         ))
         return self.norm(tokens.padded())
