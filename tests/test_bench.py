@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ats_vit
-from ats_vit.timing import interleaved_times, peak_forward_bytes, range_share, time_runs
+from ats_vit.timing import interleaved_times, peak_forward_bytes, range_share
 from conftest import one_error_line, run
 from reference import make_vit
 
@@ -62,12 +62,6 @@ def test_interleaved_times_call_each_function_once_per_round():
     times = interleaved_times([lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"),
                               warmup=1, repeats=10)
     assert calls == ["a", "b"] * 11 and [len(t) for t in times] == [10, 10]
-
-
-def test_time_runs_counts_repeats():
-    calls = []
-    times = time_runs(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=10)
-    assert len(times) == 10 and len(calls) == 12 and all(t >= 0 for t in times)
 
 
 def test_torch_compile_gives_the_same_outputs():

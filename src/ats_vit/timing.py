@@ -1,4 +1,4 @@
-"""Wall-clock timing of a model alone: warm-up, then the median of repeated runs."""
+"""Wall-clock timing of models alone (interleaved rounds, medians), peak memory, and the share of a forward inside named profiler ranges."""
 from __future__ import annotations
 
 import functools
@@ -34,11 +34,6 @@ def interleaved_times(fns: Sequence[Callable[[], object]], device: torch.device,
             _sync(device)
             record.append(time.perf_counter() - start)
     return times
-
-
-def time_runs(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> List[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    return interleaved_times([fn], device, warmup, repeats)[0]
 
 
 def compare_throughput(models: Sequence[Callable[[torch.Tensor], object]], batch: torch.Tensor, warmup: int = 2,
