@@ -1,4 +1,5 @@
-"""Wall-clock timing of models alone (interleaved rounds, medians), peak memory, and the share of a forward inside named profiler ranges."""
+"""Wall-clock timing of models alone (interleaved rounds, medians), peak forward memory, and the
+share of a forward spent inside named profiler ranges."""
 from __future__ import annotations
 
 import functools
