@@ -2,10 +2,12 @@
 :mod:`ats_vit.scoring`)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, TypeVar
 
 from .sampling import Sampler, inverse_transform_sampling, random_sampling, topk_sampling
 from .scoring import SCORERS, Scorer
+
+T = TypeVar("T")
 
 _SAMPLERS: Dict[str, Sampler] = {
     "inverse_transform": inverse_transform_sampling,
@@ -30,11 +32,16 @@ def list_samplers() -> list[str]:
     return sorted(_SAMPLERS)
 
 
+def _lookup(table: Dict[str, T], argument: str, name: str) -> T:
+    """``table[name]``; a ValueError naming ``argument`` lists the allowed names otherwise."""
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"{argument} must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
 def get_sampler(name: str) -> Sampler:
     """The sampler registered as ``name``; a ValueError lists the allowed names otherwise."""
-    if not isinstance(name, str) or name not in _SAMPLERS:
-        raise ValueError(f"sampler must be one of {list_samplers()}, got {name!r}")
-    return _SAMPLERS[name]
+    return _lookup(_SAMPLERS, "sampler", name)
 
 
 def list_scorers() -> list[str]:
@@ -44,6 +51,4 @@ def list_scorers() -> list[str]:
 
 def get_scorer(name: str) -> Scorer:
     """The scoring rule registered as ``name``; a ValueError lists the allowed names otherwise."""
-    if not isinstance(name, str) or name not in SCORERS:
-        raise ValueError(f"scorer must be one of {list_scorers()}, got {name!r}")
-    return SCORERS[name]
+    return _lookup(SCORERS, "scorer", name)
