@@ -83,7 +83,6 @@ def fresh():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(blocks=[]), ValueError, "at least one block"),
     (dict(blocks=[12]), ValueError, r"0\.\.11"),
     (dict(blocks=[-1]), ValueError, r"0\.\.11"),
     (dict(blocks=[3, 3]), ValueError, "duplicates"),

@@ -1,7 +1,7 @@
 """ats-vit: Adaptive Token Sampling (Fayyaz et al., ECCV 2022) for pretrained Vision Transformers."""
 from . import zoo  # registers the bundled model with timm
 from .flops import BlockCost, ViTCost
-from .patch.timm import apply, is_patched, last_stats, remove
+from .patch import apply, is_patched, last_stats, remove
 from .registry import get_sampler, get_scorer, list_samplers, list_scorers, register_sampler
 from .sampling import inverse_transform_sampling, random_sampling, token_scores, topk_sampling
 from .stats import ATSStats

@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import UserError
 from .evaluate import DENSE, Method, budget_for, configured_copies, dense_gmacs
-from .patch.timm import last_stats
+from .patch import last_stats
 from .report import format_table
 from .block import SELECT_RANGE
 from .timing import compare_throughput, peak_forward_bytes, range_share

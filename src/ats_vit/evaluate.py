@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .errors import UserError
 from .flops import ViTCost
 from .distributed import Dist, gather
-from .patch.timm import apply, is_patched, last_stats, remove
+from .patch import apply, is_patched, last_stats, remove
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from .distributed import setup
 from .errors import UserError
 from .loading import load_dataset, load_model, load_train_dataset, num_classes
-from .patch.timm import apply
+from .patch import apply
 from .train import TrainConfig, check_run_folder, claim_run_folder, fit
 
 

@@ -11,7 +11,7 @@ from timm.data import resolve_data_config
 from .data import FASHION_MNIST_CLASSES, fashion_mnist
 from .errors import UserError
 from .loading import eval_transform, load_model, read_image
-from .patch.timm import apply, last_stats
+from .patch import apply, last_stats
 from .viz import kept_patch_masks, render_token_maps, to_display
 
 
