@@ -177,6 +177,17 @@ def _qkv(attn: nn.Module, h: Tensor, layout: Layout) -> tuple[Tensor, Tensor, Te
     return attn.q_norm(q), attn.k_norm(k), v
 
 
+def block_forward(block, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+    """What timm's ``Block.forward`` computes on a batch (B, N, C), from the block's parts, so a
+    view of another library's layer with the same parts can stand in for a timm ``Block``."""
+    B, N, C = x.shape
+    layout = Layout.dense(B, N, x.device, packed=False)
+    flat = x.flatten(0, 1)
+    h = block.norm1(flat)
+    out = _sdpa(block.attn, *_qkv(block.attn, h, layout), attn_mask).transpose(1, 2).flatten(2)
+    return _block_tail(block, flat, h, out.flatten(0, 1), layout).view(B, N, C)
+
+
 def dense_block(block: nn.Module, tokens: Tokens) -> Tokens:
     """A timm ``Block`` on every token, hiding padding keys from its attention."""
     layout = tokens.layout
@@ -191,6 +202,30 @@ def dense_block(block: nn.Module, tokens: Tokens) -> Tokens:
     out = _attend(block.attn, *_qkv(block.attn, h, layout), layout.valid, layout.valid, grouped=True)
     out = layout.unpad(out.transpose(1, 2).flatten(2))
     return Tokens(_block_tail(block, tokens.x, h, out, layout), layout, tokens.positions)
+
+
+def select_rows(tokens: Tokens, index: Tensor, num_prefix: int) -> tuple[Tensor, Layout, Tensor, Tensor]:
+    """Where the prefix tokens and the kept patch tokens ``index`` (B, K'max; -1 pads) go.
+
+    Returns:
+        kept: (B, P + K'max) columns of the kept tokens in the padded view of ``tokens``;
+        their new layout (same kind); their rows in the flat ``tokens.x``, in the new layout's
+        flat order; and their original patch positions (B, K'max), -1 on padding.
+    """
+    layout = tokens.layout
+    B = layout.shape[0]
+    padded = index < 0
+    prefix = torch.arange(num_prefix, device=index.device).expand(B, num_prefix)
+    kept = torch.cat([prefix, index.clamp(min=0) + num_prefix], dim=1)
+    new_layout = Layout.dense(B, kept.shape[1], index.device, layout.packed)
+    if bool(padded.any()):
+        new_layout.valid = torch.cat([torch.ones_like(prefix, dtype=torch.bool), ~padded], dim=1)
+        if layout.packed:  # each real token's row in the new packed tensor, in (image, token) order
+            valid = new_layout.valid
+            new_layout.index = (valid.flatten().cumsum(0).view_as(valid) - 1).masked_fill(~valid, 0)
+    flat_rows = new_layout.unpad(layout.index.gather(1, kept))
+    positions = tokens.positions.gather(1, index.clamp(min=0)).masked_fill(padded, -1)
+    return kept, new_layout, flat_rows, positions
 
 
 def ats_block(
@@ -217,28 +252,17 @@ def ats_block(
     attn = block.attn
     layout = tokens.layout
     P = num_prefix_tokens
-    B, N = layout.shape
     h = block.norm1(tokens.x)
     q, k, v = _qkv(attn, h, layout)
 
     with record_function(SELECT_RANGE):
         index = sampler(scorer(q, k, v, P, layout.valid, attn.scale), num_samples)
 
-    padded = index < 0
-    prefix = torch.arange(P, device=index.device).expand(B, P)
-    kept = torch.cat([prefix, index.clamp(min=0) + P], dim=1)  # (B, P + K'max) columns of the padded tokens
-    new_layout = Layout.dense(B, kept.shape[1], index.device, layout.packed)
-    if bool(padded.any()):
-        new_layout.valid = torch.cat([torch.ones_like(prefix, dtype=torch.bool), ~padded], dim=1)
-        if layout.packed:  # each real token's row in the new packed tensor, in (image, token) order
-            valid = new_layout.valid
-            new_layout.index = (valid.flatten().cumsum(0).view_as(valid) - 1).masked_fill(~valid, 0)
+    kept, new_layout, flat_rows, positions = select_rows(tokens, index, P)
     q = q.gather(2, kept[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
     out = _attend(attn, q, k, v, new_layout.valid, layout.valid, layout.packed)
-    flat_rows = new_layout.unpad(layout.index.gather(1, kept))
     gate = h[flat_rows] if getattr(attn, "gate", None) is not None else None
     y = _block_tail(block, tokens.x[flat_rows], gate, new_layout.unpad(out.transpose(1, 2).flatten(2)), new_layout)
-    positions = tokens.positions.gather(1, index.clamp(min=0)).masked_fill(padded, -1)
     return Tokens(y, new_layout, positions)
 
 

@@ -1,4 +1,4 @@
-"""Compute of a timm Vision Transformer in multiply-accumulates, counted per image from its tokens.
+"""Compute of a Vision Transformer (timm ViT, transformers ViT/DeiT/CvT) in multiply-accumulates, counted per image from its tokens.
 
 Counted the fvcore way, as the token-reduction literature does: every linear layer, the patch
 embedding convolution, and the two attention matmuls (q kᵀ and A v); norms, activations and
@@ -103,3 +103,125 @@ class ViTCost:
         """MACs of the unpatched model on one image of ``num_patches`` patches."""
         n = num_patches + num_prefix_tokens
         return num_patches * self.per_patch + self.head + sum(c.macs(n, n) for c in self.blocks)
+
+
+@dataclass(frozen=True)
+class ConvCost:
+    """A convolution's MACs per output position and the geometry that sets its output grid."""
+    per_position: int
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> "ConvCost":
+        return cls(conv.weight.numel(), tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding))
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        return tuple((size + 2 * p - k) // s + 1
+                     for size, k, s, p in zip((height, width), self.kernel, self.stride, self.padding))
+
+
+@dataclass(frozen=True)
+class CvtLayerCost:
+    """Per-token MACs of one CvT layer (depthwise-convolution q/k/v projections)."""
+    width: int
+    q_conv: ConvCost
+    kv_conv: ConvCost  # the key convolution; the value convolution has the same shape
+    q_proj: int  # per query
+    kv_proj: int  # per key: key and value projections
+    proj: int  # per attention row: output projection
+    mlp: int  # per token leaving
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> "CvtLayerCost":
+        sa = layer.attention.attention
+        q_conv = sa.convolution_projection_query.convolution_projection.convolution
+        kv_conv = sa.convolution_projection_key.convolution_projection.convolution
+        return cls(width=sa.embed_dim, q_conv=ConvCost.of(q_conv), kv_conv=ConvCost.of(kv_conv),
+                   q_proj=linear_macs(sa.projection_query),
+                   kv_proj=linear_macs(sa.projection_key) + linear_macs(sa.projection_value),
+                   proj=linear_macs(layer.attention.output),
+                   mlp=linear_macs(layer.intermediate) + linear_macs(layer.output))
+
+    def macs(self, grid: tuple[int, int], n_in: Count, n_out: Count, cls_token: bool, kind: str = "dense") -> Count:
+        """MACs on an (H, W) token grid when ``n_in`` tokens enter and ``n_out`` leave (class token
+        included). The convolutions run over the whole grid; an ATS layer projects every entering
+        query, scores with the class row and attends with the kept rows only."""
+        q_grid, kv_grid = self.q_conv.grid(*grid), self.kv_conv.grid(*grid)
+        keys = kv_grid[0] * kv_grid[1] + int(cls_token)
+        convs = (q_grid[0] * q_grid[1] * self.q_conv.per_position
+                 + 2 * kv_grid[0] * kv_grid[1] * self.kv_conv.per_position)
+        shared = convs + n_in * self.q_proj + keys * self.kv_proj
+        if kind == "dense":
+            return shared + n_in * keys * 2 * self.width + n_in * (self.proj + self.mlp)
+        if kind == "ats":
+            return shared + keys * self.width + n_out * keys * 2 * self.width + n_out * (self.proj + self.mlp)
+        raise ValueError(f"kind must be dense or ats for CvT, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class CvtStageCost:
+    embedding: ConvCost
+    cls_token: bool
+    layers: List[CvtLayerCost]
+
+
+@dataclass(frozen=True)
+class CvtCost:
+    """Per-image cost model of a transformers CvT encoder (and its head); ATS runs in the last
+    stage. Bind it to an input size with :meth:`at`."""
+    stages: List[CvtStageCost]
+    head: int
+
+    @classmethod
+    def of(cls, encoder: nn.Module, head: int) -> "CvtCost":
+        stages = [CvtStageCost(ConvCost.of(s.embedding.convolution_embeddings.projection),
+                               hasattr(s, "cls_token"), [CvtLayerCost.of(layer) for layer in s.layers])
+                  for s in encoder.stages]
+        return cls(stages, head)
+
+    def at(self, height: int, width: int) -> "CvtCostAt":
+        return CvtCostAt(self, height, width)
+
+
+@dataclass(frozen=True)
+class CvtCostAt:
+    """:class:`CvtCost` at one input size, with :class:`ViTCost`'s ``macs`` / ``dense_macs``
+    over the last stage's layers."""
+    model: CvtCost
+    height: int
+    width: int
+
+    def _grids(self) -> List[tuple[int, int]]:
+        grids, size = [], (self.height, self.width)
+        for stage in self.model.stages:
+            size = stage.embedding.grid(*size)
+            grids.append(size)
+        return grids
+
+    def _fixed(self) -> int:
+        """MACs of every stage but the last, the last stage's embedding, and the head."""
+        grids = self._grids()
+        total = self.model.head
+        for stage, grid in zip(self.model.stages, grids):
+            total += grid[0] * grid[1] * stage.embedding.per_position
+        for stage, grid in zip(self.model.stages[:-1], grids):
+            n = grid[0] * grid[1] + int(stage.cls_token)
+            total += sum(layer.macs(grid, n, n, stage.cls_token) for layer in stage.layers)
+        return total
+
+    def macs(self, num_patches: int, tokens: Tensor, reduced: Sequence[int] = (), kind: str = "ats",
+             num_prefix_tokens: int = 1, scoring_rows: str = "prefix") -> Tensor:
+        """MACs per image from the tokens (B, depth + 1) entering each last-stage layer."""
+        stage, grid = self.model.stages[-1], self._grids()[-1]
+        total = torch.full(tokens.shape[:1], float(self._fixed()), dtype=torch.float64, device=tokens.device)
+        t = tokens.to(torch.float64)
+        for i, layer in enumerate(stage.layers):
+            total = total + layer.macs(grid, t[:, i], t[:, i + 1], stage.cls_token, kind if i in reduced else "dense")
+        return total
+
+    def dense_macs(self, num_patches: int, num_prefix_tokens: int) -> int:
+        stage, grid = self.model.stages[-1], self._grids()[-1]
+        n = grid[0] * grid[1] + int(stage.cls_token)
+        return self._fixed() + sum(layer.macs(grid, n, n, stage.cls_token) for layer in stage.layers)

@@ -225,15 +225,17 @@ def run_blocks(blocks: Sequence, x: Tensor, num_prefix: int, config: ATSConfig,
 
 
 def make_stats(config: ATSConfig, num_patches: int, num_prefix: int, token_counts: Tensor,
-               positions: Tuple[Tensor, ...]) -> ATSStats:
-    """Statistics of one forward from the tokens (B, depth + 1) entering each block."""
+               positions: Tuple[Tensor, ...], cost=None) -> ATSStats:
+    """Statistics of one forward from the tokens (B, depth + 1) entering each block; ``cost``
+    replaces ``config.cost`` (for a cost model bound to the input size)."""
+    cost = config.cost if cost is None else cost
     return ATSStats(
         blocks=config.blocks,
         num_patches=num_patches,
         num_kept=token_counts[:, [i + 1 for i in config.blocks]] - num_prefix,
         positions=positions,
         tokens=token_counts,
-        gmacs=config.cost.macs(num_patches, token_counts, config.blocks, config.reducer, num_prefix,
+        gmacs=cost.macs(num_patches, token_counts, config.blocks, config.reducer, num_prefix,
                                get_scorer(config.scorer).query_rows) / 1e9,
-        dense_gmacs=config.cost.dense_macs(num_patches, num_prefix) / 1e9,
+        dense_gmacs=cost.dense_macs(num_patches, num_prefix) / 1e9,
     )

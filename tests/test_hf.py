@@ -1,0 +1,205 @@
+"""ATS in Hugging Face transformers ViT, DeiT (with and without teacher) and CvT models."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForImageClassification, SwinConfig, SwinForImageClassification, ViTConfig
+from transformers import ViTForMaskedImageModeling
+
+import ats_vit
+from reference_hf import image_size, make_hf, reference_cvt_forward, reference_vit_forward
+
+KINDS = ["vit", "deit", "deit_teacher", "cvt"]
+# ATS layers and K per kind: ViT/DeiT layers 1-3 of 4 (64 patches), CvT last-stage layers 1-3 (36).
+PLACES = {"vit": ([1, 2, 3], 24), "deit": ([1, 2, 3], 24), "deit_teacher": ([1, 3], 20), "cvt": ([1, 2, 3], 14)}
+
+
+def images(kind: str, n: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    size = image_size(kind)
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def saved(request, tmp_path_factory):
+    """(kind, folder): a random-initialised model saved as a user saves a fine-tuned one."""
+    folder = tmp_path_factory.mktemp(request.param)
+    make_hf(request.param).save_pretrained(folder)
+    return request.param, folder
+
+
+def load(folder, dtype=torch.float32):
+    return AutoModelForImageClassification.from_pretrained(folder).eval().to(dtype)
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(pixel_values=x).logits
+
+
+def test_no_ats_block_equals_the_unpatched_model(saved):
+    kind, folder = saved
+    model = load(folder)
+    x = images(kind, 3)
+    expected = logits(model, x)
+    ats_vit.apply(model, blocks=[])
+    assert torch.allclose(logits(model, x), expected, atol=1e-5, rtol=0)
+    stats = ats_vit.last_stats(model)
+    assert torch.allclose(stats.gmacs, torch.full((3,), stats.dense_gmacs, dtype=torch.float64))
+
+
+def test_remove_restores_outputs_and_keeps_the_state_dict(saved):
+    kind, folder = saved
+    model = load(folder)
+    x = images(kind, 3)
+    before = logits(model, x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    blocks, k = PLACES[kind]
+    ats_vit.apply(model, blocks=blocks, num_tokens=k)
+    assert model.state_dict().keys() == state.keys()
+    assert not torch.allclose(logits(model, x), before, atol=1e-3)
+    ats_vit.remove(model)
+    assert [type(m) for m in model.modules()] == classes and not ats_vit.is_patched(model)
+    assert torch.equal(logits(model, x), before)
+
+
+def test_matches_slow_reference_per_image(saved):
+    kind, folder = saved
+    model = load(folder, torch.float64)
+    reference = reference_cvt_forward if kind == "cvt" else reference_vit_forward
+    blocks, k = PLACES[kind]
+    x = images(kind, 3, dtype=torch.float64)
+    unpatched = load(folder, torch.float64)
+    ats_vit.apply(model, blocks=blocks, num_tokens=k)
+    out = logits(model, x)
+    stats = ats_vit.last_stats(model)
+    assert len(set(stats.num_kept[:, -1].tolist())) > 1, "images should keep different counts"
+    assert (stats.num_kept < stats.num_patches).all()
+    for b in range(3):
+        with torch.no_grad():
+            ref_logits, ref_kept = reference(unpatched, x[b:b + 1], blocks, k)
+        assert torch.allclose(out[b], ref_logits, atol=1e-9, rtol=0)
+        for block in blocks:
+            assert stats.kept_positions(b, block) == ref_kept[block]
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_batch_independence(saved, mode):
+    kind, folder = saved
+    blocks, k = PLACES[kind]
+    model = ats_vit.apply(load(folder), blocks=blocks, num_tokens=k, mode=mode)
+    x = images(kind, 5, seed=2)
+    batch = logits(model, x)
+    counts = ats_vit.last_stats(model).num_kept[:, -1]
+    assert len(set(counts.tolist())) > 1, "the batch must be padded for this test to mean anything"
+    for b in range(5):
+        alone = logits(model, x[b:b + 1])
+        assert (alone[0] - batch[b]).abs().max() <= 1e-5
+        assert ats_vit.last_stats(model).num_kept[0, -1] == counts[b]
+
+
+def counted_macs(model, x) -> int:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(pixel_values=x)
+    return counter.get_total_flops() // 2
+
+
+def test_gmacs_equal_what_torch_counts_per_image(saved):
+    kind, folder = saved
+    model = load(folder)
+    x = images(kind, 5, seed=2)
+    dense = counted_macs(model, x[:1])
+    blocks, k = PLACES[kind]
+    ats_vit.apply(model, blocks=blocks, num_tokens=k)
+    with torch.no_grad():
+        model(pixel_values=x)
+    batch = ats_vit.last_stats(model)
+    assert batch.dense_gmacs * 1e9 == dense
+    assert (batch.gmacs < batch.dense_gmacs).all() and len(set(batch.gmacs.tolist())) > 1
+    for b in range(5):
+        macs = counted_macs(model, x[b:b + 1])  # one image: no padding, so torch sees its true cost
+        assert ats_vit.last_stats(model).gmacs[0].item() * 1e9 == pytest.approx(macs, abs=0.5)
+        assert batch.gmacs[b].item() * 1e9 == pytest.approx(macs, abs=0.5)
+
+
+def test_cvt_13_at_224_is_4_5_gmacs_and_defaults_to_stage_3_layers_1_to_9():
+    from transformers import CvtConfig, CvtForImageClassification
+    model = ats_vit.apply(CvtForImageClassification(CvtConfig()).eval())  # CvT-13's configuration
+    with torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, 224, 224))
+    stats = ats_vit.last_stats(model)
+    assert stats.blocks == tuple(range(1, 10)) and stats.num_patches == 14 * 14
+    assert round(stats.dense_gmacs, 1) == 4.6  # the CvT paper rounds 4.57 down to 4.5
+
+
+def test_cvt_hidden_state_holds_kept_tokens_on_the_grid():
+    model = ats_vit.apply(make_hf("cvt"), blocks=[1, 2, 3], num_tokens=10)
+    with torch.no_grad():
+        out = model.cvt(pixel_values=images("cvt", 2))
+    stats = ats_vit.last_stats(model)
+    grid = out.last_hidden_state  # (B, C, 6, 6)
+    assert grid.shape[2:] == (6, 6) and out.cls_token_value.shape == (2, 1, 48)
+    for b in range(2):
+        filled = set(torch.nonzero(grid[b].abs().sum(0).flatten()).flatten().tolist())
+        assert filled == set(stats.kept_positions(b, 3))
+
+
+def test_deit_teacher_keeps_both_prefix_tokens():
+    model = ats_vit.apply(make_hf("deit_teacher"), blocks=[1, 2, 3], num_tokens=5, sampler="topk")
+    with torch.no_grad():
+        out = model(pixel_values=images("deit_teacher", 2))
+    stats = ats_vit.last_stats(model)
+    assert (stats.num_kept == 5).all() and (stats.tokens[:, -1] == 7).all()
+    assert out.cls_logits.shape == out.distillation_logits.shape == (2, 5)
+
+
+def test_fine_tuning_gradients_flow_through_the_patched_model():
+    model = ats_vit.apply(make_hf("vit").train(), blocks=[1, 2], num_tokens=0.5)
+    out = model(pixel_values=images("vit", 4), labels=torch.tensor([0, 1, 2, 3]))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def tiny_swin():
+    return SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                 num_heads=[1, 1], window_size=2))
+
+
+@pytest.mark.parametrize("build,error,match", [
+    (tiny_swin, TypeError, "SwinForImageClassification is not supported; supported: CvtForImageClassification"),
+    (lambda: ViTForMaskedImageModeling(ViTConfig(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=3, intermediate_size=96)),
+     TypeError, "ViTForMaskedImageModeling is not supported"),
+    (lambda: make_hf("cvt"), ValueError, "supports scorer 'cls_value' only"),
+    (lambda: make_hf("vit"), ValueError, r"blocks contains 4; allowed: block indices in 0\.\.3"),
+])
+def test_unsupported_models_and_options_are_refused(build, error, match):
+    model = build()
+    cls = type(model)
+    kwargs = {"scorer": "cls"} if "scorer" in match else {"blocks": [4]} if "blocks" in match else {}
+    with pytest.raises(error, match=match):
+        ats_vit.apply(model, **kwargs)
+    assert type(model) is cls and not ats_vit.is_patched(model)
+    assert all(type(m).__name__[:3] != "ATS" for m in model.modules())
+
+
+def test_output_hidden_states_is_refused_while_patched():
+    model = ats_vit.apply(make_hf("vit"), blocks=[1])
+    with pytest.raises(ValueError, match="output_hidden_states is not supported"):
+        model(pixel_values=images("vit", 1), output_hidden_states=True)
+
+
+def test_timm_path_does_not_import_transformers():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import timm, torch, ats_vit\n"
+            "m = ats_vit.apply(timm.create_model('deit_tiny_patch16_224', img_size=32).eval(), num_tokens=4,\n"
+            "                 sampler='topk')\n"
+            "m(torch.randn(1, 3, 32, 32)); print(ats_vit.last_stats(m).num_kept.tolist())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[[4, 4, 4, 4, 4, 4, 4, 4, 4]]"
