@@ -1,4 +1,5 @@
 """ATS in Hugging Face transformers ViT, DeiT (with and without teacher) and CvT models."""
+import json
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from transformers import AutoModelForImageClassification, SwinConfig, SwinForIma
 from transformers import ViTForMaskedImageModeling
 
 import ats_vit
+from conftest import one_error_line, run
 from reference_hf import image_size, make_hf, reference_cvt_forward, reference_vit_forward
 
 KINDS = ["vit", "deit", "deit_teacher", "cvt"]
@@ -203,3 +205,48 @@ def test_timm_path_does_not_import_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[[4, 4, 4, 4, 4, 4, 4, 4, 4]]"
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A transformers CvT classifier for 3 classes saved with its image processor, as a user saves
+    a fine-tuned one."""
+    from transformers import ConvNextImageProcessor, CvtConfig, CvtForImageClassification
+    folder = tmp_path_factory.mktemp("hf_cvt")
+    torch.manual_seed(0)
+    CvtForImageClassification(CvtConfig(num_labels=3, embed_dim=[16, 32, 48], num_heads=[1, 2, 3],
+                                         depth=[1, 2, 4])).save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 96}, crop_pct=0.875).save_pretrained(folder)
+    return folder
+
+
+def test_eval_command_takes_a_transformers_folder(hf_folder, image_folder, tmp_path, capsys):
+    code, stdout, err = run(["eval", "--model", f"hf:{hf_folder}", "--data", str(image_folder),
+                             "--num-tokens", "0.5", "--workers", "0", "--timing-repeats", "1",
+                             "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "results.json").read_text())
+    dense, ats = result["rows"]
+    assert result["meta"]["images"] == 9 and ats["blocks"] == [1, 2, 3]  # CvT's default: last-stage layers 1-9
+    model = load(hf_folder)
+    with torch.no_grad():
+        model(pixel_values=torch.zeros(1, 3, 96, 96))  # the processor's 96 px crop
+    assert dense["gmacs"] == pytest.approx(counted_macs(model, torch.zeros(1, 3, 96, 96)) / 1e9, abs=1e-5)
+    assert ats["gmacs"] < dense["gmacs"] and len(ats["tokens_per_ats_block"]) == 3
+    assert "ATS blocks 1,2,3" in stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["eval", "--model", "hf:/no/such/folder"], "--model hf:/no/such/folder: cannot load it"),
+    (["finetune", "--model", "hf:x", "--epochs", "1"], "`ats-vit finetune` takes timm models"),
+    (["eval", "--model", "hf:x", "--checkpoint", "w.safetensors"], "--checkpoint applies to timm models"),
+])
+def test_bad_transformers_arguments_give_one_error_line(args, match, tmp_path, capsys):
+    code, _, err = run(args + ["--out", str(tmp_path / "o")], capsys)
+    assert code != 0 and one_error_line(err) and match in err
+
+
+def test_unsupported_transformers_folder_is_refused(tmp_path, capsys):
+    tiny_swin().save_pretrained(tmp_path / "swin")
+    code, _, err = run(["eval", "--model", f"hf:{tmp_path / 'swin'}", "--out", str(tmp_path / "o")], capsys)
+    assert code != 0 and one_error_line(err) and "SwinForImageClassification is not supported" in err

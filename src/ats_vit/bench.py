@@ -46,7 +46,7 @@ def _case(name: str, options: BenchOptions, device: torch.device):
         model = timm.create_model("deit_small_patch16_224").eval().to(device)
         pool = torch.randn(max(options.batch_sizes), 3, 224, 224, device=device)
         ats = Method("ATS 3-11", "ATS", tuple(range(3, 12)))
-        ats, _ = budget_for(model, ats, pool, (1 - options.reduction) * dense_gmacs(model),
+        ats, _ = budget_for(model, ats, pool, (1 - options.reduction) * dense_gmacs(model, pool),
                             max(options.batch_sizes), f"ATS 3-11 -{options.reduction:.1%}")
         return model, pool, ats
     if name == "bundled":
@@ -69,7 +69,7 @@ def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, d
         rows = []
         for method, net, (images_per_s, speedup) in zip(methods, models, speeds):
             if method.blocks is None:
-                gmacs, tokens, select = dense_gmacs(net), [], 0.0
+                gmacs, tokens, select = dense_gmacs(net, batch), [], 0.0
             else:
                 stats = last_stats(net)
                 gmacs = float(stats.gmacs.mean())

@@ -158,8 +158,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments ``eval`` and ``ablate`` share."""
-    parser.add_argument("--model", default=None, help="timm model name, or a local .safetensors with its metadata "
-                                                      "JSON beside it (default: the bundled Fashion-MNIST ViT)")
+    parser.add_argument("--model", default=None, help="timm model name, a local .safetensors with its metadata "
+                                                      "JSON beside it (default: the bundled Fashion-MNIST ViT), or "
+                                                      "hf:FOLDER_OR_NAME for a transformers ViT/DeiT/CvT classifier "
+                                                      "(needs ats-vit[hf]; evaluated with its own image processor)")
     parser.add_argument("--checkpoint", default=None, help="local weights for --model, loaded by timm")
     parser.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an image folder of class sub-folders")
     parser.add_argument("--reductions", type=lambda t: [float(v) for v in t.split(",")], default=[0.4, 0.5, 0.6],

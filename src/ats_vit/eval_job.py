@@ -16,6 +16,7 @@ from .errors import UserError
 from .evaluate import (DENSE, Method, Result, budget_for, check_target, configured, configured_copies,
                        SUITES, dense_gmacs, evaluate_method)
 from .timing import compare_throughput
+from .patch import default_blocks
 from .loading import first_images, load_dataset, load_model, num_classes
 from .report import format_table
 from .viz import plot_accuracy_vs_gmacs, plot_token_histogram
@@ -50,8 +51,7 @@ def _methods(model, options: EvalOptions, calib: torch.Tensor, d: Dist) -> List[
     say = lambda s: print(f"[calibrating on {len(calib)} images] {s}", flush=True) if d.main else None
     if not options.custom:
         return SUITES[options.suite](model, calib, options.batch_size, options.reductions, progress=say)
-    depth = len(model.blocks)
-    blocks = tuple(options.blocks) if options.blocks is not None else tuple(range(3, depth))
+    blocks = tuple(options.blocks) if options.blocks is not None else default_blocks(model)
     sampler = options.sampler or "inverse_transform"
     label = f"{'ATS' if sampler == 'inverse_transform' else sampler} blocks {','.join(map(str, blocks))}"
     method = Method(label, label, blocks, options.num_tokens, sampler)
@@ -101,7 +101,7 @@ def run_eval(options: EvalOptions) -> List[Result]:
                 speeds = compare_throughput(models, timing_batch, repeats=options.timing_repeats)
             for result, (images_per_s, speedup) in zip(results, speeds):
                 result.images_per_s, result.speedup = images_per_s, speedup
-            _report(model, options, dataset, results, len(timing_batch), d)
+            _report(model, options, dataset, results, timing_batch, d)
         barrier(d)  # the others wait while rank 0 times and writes
     return results
 
@@ -131,10 +131,11 @@ def _rows(results: List[Result], dense: float) -> List[dict]:
     return rows
 
 
-def _report(model, options: EvalOptions, dataset, results: List[Result], timing_batch: int, d: Dist) -> None:
+def _report(model, options: EvalOptions, dataset, results: List[Result], timing_batch: torch.Tensor,
+            d: Dist) -> None:
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    dense = dense_gmacs(model)
+    dense = dense_gmacs(model, timing_batch)
     rows = _rows(results, dense)
     show = [{
         "method": r["method"], "top-1": f"{r['top1']:.2f}",
@@ -147,7 +148,7 @@ def _report(model, options: EvalOptions, dataset, results: List[Result], timing_
     print()
     print(format_table(show, list(show[0])))
     print(f"\n{len(dataset)} images; GMACs measured per image from the tokens kept. img/s (model): the model "
-          f"alone on one batch of {timing_batch} images, every method run in turn for {options.timing_repeats} "
+          f"alone on one batch of {len(timing_batch)} images, every method run in turn for {options.timing_repeats} "
           f"rounds after warm-up (median time; speed-up: median of the paired ratios), {options.device}, "
           f"{torch.get_num_threads()} threads, rank 0 of {d.world} process(es); end-to-end includes data loading.")
 

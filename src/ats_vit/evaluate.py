@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .errors import UserError
-from .flops import ViTCost
 from .distributed import Dist, gather
-from .patch import apply, is_patched, last_stats, remove
+from .patch import apply, default_blocks, is_patched, last_stats, remove
+from .stats import ATSStats
 
 
 @dataclass(frozen=True)
@@ -72,16 +72,32 @@ class Result:
         return float(self.gmacs.mean())
 
 
-def dense_gmacs(model: nn.Module) -> float:
-    """GMACs of one image at the model's native input size."""
-    return ViTCost.of(model).dense_macs(model.patch_embed.num_patches, model.num_prefix_tokens) / 1e9
+@torch.no_grad()
+def probe(model: nn.Module, images: torch.Tensor) -> ATSStats:
+    """Statistics of ``model`` patched with no ATS block on the first of ``images``: its patch
+    count and dense GMACs at that input size, for any supported host."""
+    with configured(model, Method("probe", "probe", blocks=())):
+        model(images[:1])
+        return last_stats(model)
 
 
-def _forward_stats(model: nn.Module, images: torch.Tensor, dense: float):
-    """Logits, per-image GMACs and (ATS only) tokens kept per ATS block."""
-    logits = model(images)
+def dense_gmacs(model: nn.Module, images: torch.Tensor) -> float:
+    """GMACs of one image through the unpatched ``model`` at the size of ``images``."""
+    return probe(model, images).dense_gmacs
+
+
+def logits_of(output) -> torch.Tensor:
+    """A timm model's logits, or those of a transformers model's output."""
+    return getattr(output, "logits", output)
+
+
+def _forward_stats(model: nn.Module, images: torch.Tensor, dense: Optional[float] = None):
+    """Logits, per-image GMACs and (ATS only) tokens kept per ATS block; ``dense``: the unpatched
+    model's GMACs per image, if known."""
     if not is_patched(model):
-        return logits, torch.full((len(images),), dense, dtype=torch.float64), None
+        dense = dense_gmacs(model, images) if dense is None else dense
+        return logits_of(model(images)), torch.full((len(images),), dense, dtype=torch.float64), None
+    logits = logits_of(model(images))
     stats = last_stats(model)
     return logits, stats.gmacs.cpu(), stats.num_kept.cpu()
 
@@ -93,11 +109,14 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, classes:
     over ``loader``. Under torchrun each rank passes its :func:`~ats_vit.distributed.shard` and
     every rank gets the whole dataset's result, in dataset order."""
     model.eval()
-    dense = dense_gmacs(model)
     hit1, hit5, gmacs, kept = [], [], [], []
+    dense = None
     start = time.perf_counter()
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not d.main):
-        logits, g, k = _forward_stats(model, images.to(device), dense)
+        images = images.to(device)
+        if dense is None and not is_patched(model):
+            dense = dense_gmacs(model, images)
+        logits, g, k = _forward_stats(model, images, dense)
         top = logits.topk(min(5, classes), dim=-1).indices.cpu()
         hit1.append(top[:, 0] == labels)
         hit5.append((top == labels[:, None]).any(dim=1))
@@ -122,9 +141,8 @@ def evaluate_method(model: nn.Module, loader: DataLoader, method: Method, device
 @torch.no_grad()
 def mean_gmacs(model: nn.Module, method: Method, images: torch.Tensor, batch_size: int) -> float:
     """Mean GMACs per image of ``method`` on ``images`` (a calibration batch)."""
-    dense = dense_gmacs(model)
     with configured(model, method):
-        return float(torch.cat([_forward_stats(model, chunk, dense)[1]
+        return float(torch.cat([_forward_stats(model, chunk)[1]
                                 for chunk in images.split(batch_size)]).mean())
 
 
@@ -156,10 +174,12 @@ def budget_for(model: nn.Module, method: Method, images: torch.Tensor, target: f
     fewer distinct tokens than it has grid points, so it takes one K for every ATS block, from 1
     up to ``ITS_MAX_GRID`` times the patch count: the released K (the patch count) is inside that
     range, not its top."""
+    patches = probe(model, images).num_patches
+
     def budget(knob: float):
         if method.reducer != "ats" or method.sampler != "inverse_transform":
             return knob
-        return max(1, round(knob * ITS_MAX_GRID * model.patch_embed.num_patches))
+        return max(1, round(knob * ITS_MAX_GRID * patches))
 
     knob, gmacs = match_gmacs(lambda f: mean_gmacs(model, method.with_tokens(budget(f), label), images, batch_size),
                               target)
@@ -168,7 +188,7 @@ def budget_for(model: nn.Module, method: Method, images: torch.Tensor, target: f
 
 def check_target(model: nn.Module, method: Method, images: torch.Tensor, target: float, batch_size: int) -> None:
     """A target must lie between one token per ATS block and dense."""
-    dense = dense_gmacs(model)
+    dense = dense_gmacs(model, images)
     floor = mean_gmacs(model, method.with_tokens(1, "floor"), images, batch_size)
     if not floor <= target <= dense:
         raise UserError(f"--target-gmacs {target:g} is outside what this configuration can reach: "
@@ -178,27 +198,30 @@ def check_target(model: nn.Module, method: Method, images: torch.Tensor, target:
 def default_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
                   reductions: Sequence[float] = (0.4, 0.5, 0.6),
                   progress: Callable[[str], None] = lambda s: None) -> List[Method]:
-    """The paper's comparison on ``model``: dense; ATS in blocks 3..last, released (K = all
-    patches) and at ``reductions`` of dense GMACs; top-K and ATS in block 3 alone at each ATS row's
-    measured GMACs (block 3 alone only at the lower budgets). Budgets are found on ``images``
-    (a calibration batch)."""
-    depth = len(model.blocks)
-    multi = Method("ATS 3-{}".format(depth - 1), "ATS blocks 3-{}".format(depth - 1), tuple(range(3, depth)))
-    topk = Method("", "top-K blocks 3-{}".format(depth - 1), multi.blocks, sampler="topk")
-    single = Method("", "ATS block 3", (3,))
-    dense = dense_gmacs(model)
-    released = multi.with_tokens(None, f"ATS 3-{depth - 1} released (K=all)")
+    """The paper's comparison on ``model``: dense; ATS in its default blocks (timm, ViT, DeiT:
+    3..last; CvT: last-stage layers 1..9), released (K = all patches) and at ``reductions`` of
+    dense GMACs; top-K and ATS in the first of those blocks alone at each ATS row's measured GMACs
+    (the single block only at the lower budgets). Budgets are found on ``images`` (a calibration
+    batch)."""
+    late = default_blocks(model)
+    span = f"{late[0]}-{late[-1]}"
+    multi = Method(f"ATS {span}", f"ATS blocks {span}", late)
+    topk = Method("", f"top-K blocks {span}", late, sampler="topk")
+    single = Method("", f"ATS block {late[0]}", late[:1])
+    dense = dense_gmacs(model, images)
+    released = multi.with_tokens(None, f"ATS {span} released (K=all)")
     ats_rows = [(released, mean_gmacs(model, released, images, batch_size))]
     for r in reductions:
         progress(f"finding the ATS budget for {r:.0%} fewer GMACs")
-        ats_rows.append(budget_for(model, multi, images, (1 - r) * dense, batch_size, f"ATS 3-{depth - 1} -{r:.0%}"))
+        ats_rows.append(budget_for(model, multi, images, (1 - r) * dense, batch_size, f"ATS {span} -{r:.0%}"))
     methods = [DENSE, *(row for row, _ in ats_rows)]
     for row, target in ats_rows:
         progress(f"matching top-K{' and single-block ATS' if row is not released else ''} to {row.label} "
                  f"({target:.4g} GMACs)")
-        methods.append(budget_for(model, topk, images, target, batch_size, f"top-K 3-{depth - 1} = {row.label}")[0])
+        methods.append(budget_for(model, topk, images, target, batch_size, f"top-K {span} = {row.label}")[0])
         if row is not released:
-            methods.append(budget_for(model, single, images, target, batch_size, f"ATS 3 only = {row.label}")[0])
+            methods.append(budget_for(model, single, images, target, batch_size,
+                                      f"ATS {late[0]} only = {row.label}")[0])
     return methods
 
 
@@ -206,12 +229,12 @@ def ablation_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
                    reductions: Sequence[float] = (0.4, 0.5, 0.6),
                    progress: Callable[[str], None] = lambda s: None) -> List[Method]:
     """The paper's ablations and the rival reducers on ``model``, each at ``reductions`` of dense
-    GMACs (budgets found on ``images``): ATS in blocks 3..last against top-K and random selection,
-    against the class attention without the value norm, the attention from all queries and random
-    scores, against ATS in block 3 alone; and EViT and ToMe in blocks 3..last."""
-    depth = len(model.blocks)
-    late = tuple(range(3, depth))
-    span = f"3-{depth - 1}"
+    GMACs (budgets found on ``images``): ATS in its default blocks (3..last) against top-K and
+    random selection, against the class attention without the value norm, the attention from all
+    queries and random scores, against ATS in the first of them alone; and EViT and ToMe in the
+    same blocks."""
+    late = default_blocks(model)
+    span = f"{late[0]}-{late[-1]}"
     variants = [
         Method("", f"ATS {span}", late),
         Method("", f"top-K {span}", late, sampler="topk"),
@@ -219,11 +242,11 @@ def ablation_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
         Method("", f"ATS {span}, no value norm", late, scorer="cls"),
         Method("", f"ATS {span}, all-query attention", late, scorer="all_queries"),
         Method("", f"ATS {span}, random scores", late, scorer="random"),
-        Method("", "ATS block 3", (3,)),
+        Method("", f"ATS block {late[0]}", late[:1]),
         Method("", f"EViT {span}", late, reducer="evit"),
         Method("", f"ToMe {span}", late, reducer="tome"),
     ]
-    dense = dense_gmacs(model)
+    dense = dense_gmacs(model, images)
     methods = [DENSE]
     for r in reductions:
         for v in variants:

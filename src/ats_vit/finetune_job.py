@@ -49,7 +49,7 @@ def run_finetune(options: FinetuneOptions) -> List[Dict]:
     out = Path(options.out)
     check_run_folder(out, options.identity(), options.resume)
     with setup(options.device) as (d, device):
-        model = load_model(options.model, options.checkpoint)
+        model = load_model(options.model, options.checkpoint, "finetune")
         try:
             apply(model, blocks=options.blocks, num_tokens=options.num_tokens, sampler=options.sampler)
         except (ValueError, TypeError) as e:

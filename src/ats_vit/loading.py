@@ -16,18 +16,31 @@ from torchvision import datasets, transforms
 
 from .data import fashion_mnist
 from .errors import UserError
+from .patch import default_blocks, is_transformers_model
 from .zoo import FMNIST_MODEL
 
 
-def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None) -> nn.Module:
-    """A timm model in eval mode, with weights through timm's own pretrained loading.
+HF_PREFIX = "hf:"
 
-    ``model`` is a timm name (default: the bundled Fashion-MNIST ViT) or a local ``.safetensors``
-    file with a metadata JSON beside it naming its timm model; ``checkpoint`` is a local weights
-    file for a timm name. Without a checkpoint a timm name loads its pretrained weights, which
-    needs them in timm's cache or a reachable hub.
+
+def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, command: str = "eval") -> nn.Module:
+    """A timm or transformers model in eval mode, with weights through the library's own loading.
+
+    ``model`` is a timm name (default: the bundled Fashion-MNIST ViT), a local ``.safetensors``
+    file with a metadata JSON beside it naming its timm model, or ``hf:`` and a transformers
+    folder or hub name (a ViT, DeiT or CvT image classifier; needs ``ats-vit[hf]``);
+    ``checkpoint`` is a local weights file for a timm name. Without a checkpoint a timm name
+    loads its pretrained weights, which needs them in timm's cache or a reachable hub.
+    ``command`` names the ``ats-vit`` command: only ``eval`` and ``ablate`` take ``hf:`` models.
     """
     name = model or FMNIST_MODEL
+    if name.startswith(HF_PREFIX):
+        if command not in ("eval", "ablate"):
+            raise UserError(f"--model {name}: `ats-vit {command}` takes timm models; hf: models work with "
+                            "`ats-vit eval` and `ats-vit ablate`")
+        if checkpoint is not None:
+            raise UserError("--checkpoint applies to timm models; an hf: model's folder holds its weights")
+        return _load_transformers(name[len(HF_PREFIX):])
     if checkpoint is None and Path(name).suffix in (".safetensors", ".pth", ".pt", ".bin"):
         checkpoint, name = name, _model_name_beside(Path(name))
     if not timm.is_model(name):
@@ -51,6 +64,38 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None) ->
     return net.eval()
 
 
+def _load_transformers(name: str) -> nn.Module:
+    try:
+        from transformers import AutoModelForImageClassification
+    except ImportError:
+        raise UserError(f"--model {HF_PREFIX}{name}: transformers is not installed; "
+                        "pip install 'ats-vit[hf]'") from None
+    try:
+        net = AutoModelForImageClassification.from_pretrained(name)
+    except Exception as e:  # no such folder, hub unreachable, not an image classifier
+        raise UserError(f"--model {HF_PREFIX}{name}: cannot load it: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    try:
+        default_blocks(net)  # refuses the classes ATS does not support
+    except TypeError as e:
+        raise UserError(f"--model {HF_PREFIX}{name}: {e}") from None
+    return net.eval()
+
+
+def _processor_transform(model: nn.Module):
+    """The transformers model's own image processor, as a PIL -> tensor transform."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(model.name_or_path)
+    except Exception as e:
+        raise UserError(f"--model {HF_PREFIX}{model.name_or_path}: no image processor beside the model "
+                        f"({type(e).__name__}); save one there with processor.save_pretrained(FOLDER)") from None
+    return transforms.Compose([transforms.Lambda(lambda im: im.convert("RGB")),
+                               transforms.Lambda(lambda im: processor(images=im, return_tensors="pt")
+                                                 ["pixel_values"][0])])
+
+
 def _head_classes(path: Path) -> Optional[int]:
     """Output size of the checkpoint's ``head.weight``, if it is a safetensors file that has one."""
     if path.suffix != ".safetensors":
@@ -72,7 +117,11 @@ def _model_name_beside(path: Path) -> str:
 
 def eval_transform(model: nn.Module, training: bool = False):
     """The model's own timm eval (or ``training``: train) transform, after converting images to
-    its channel count."""
+    its channel count; a transformers model's own image processor (evaluation only)."""
+    if is_transformers_model(model):
+        if training:
+            raise UserError("training transforms are available for timm models only, not hf: models")
+        return _processor_transform(model)
     config = resolve_data_config({}, model=model)
     mode = "L" if config["input_size"][0] == 1 else "RGB"
     return transforms.Compose([transforms.Lambda(lambda im: im.convert(mode)),

@@ -41,7 +41,7 @@ def run_viz(options: VizOptions) -> List[Path]:
     """Write one PNG per image: the input and one panel per ATS block; returns their paths."""
     if not options.images and options.fashion_mnist < 1:
         raise UserError("give image files, or --fashion-mnist N (N >= 1) for test images")
-    model = load_model(options.model, options.checkpoint)
+    model = load_model(options.model, options.checkpoint, "viz")
     transform = eval_transform(model)
     inputs, names, truths = [], [], []
     for path in options.images:

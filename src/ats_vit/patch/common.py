@@ -46,12 +46,12 @@ class ATSConfig:
     target: Optional[nn.Module] = field(default=None, compare=False, repr=False)
 
 
-def check_blocks(blocks: Union[None, int, Sequence[int]], depth: int, default_first: int) -> Tuple[int, ...]:
-    """Sorted block indices in 0..depth-1; None means ``default_first`` to the last block; an
-    empty list patches no block (the model then only records tokens and GMACs)."""
+def check_blocks(blocks: Union[None, int, Sequence[int]], depth: int, default: Sequence[int]) -> Tuple[int, ...]:
+    """Sorted block indices in 0..depth-1; None means ``default``; an empty list patches no block
+    (the model then only records tokens and GMACs)."""
     allowed = f"allowed: block indices in 0..{depth - 1}"
     if blocks is None:
-        blocks = range(min(default_first, depth), depth)
+        blocks = default
     elif isinstance(blocks, Integral) and not isinstance(blocks, bool):
         blocks = [blocks]
     try:

@@ -13,7 +13,7 @@ transformers' own; only the backbone's class is swapped:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,26 @@ def _check_cvt_stage(stage: nn.Module) -> None:
                              "ATS needs stride 1 (one query per token)")
 
 
+def _backbone(model: nn.Module) -> tuple[nn.Module, str]:
+    classes = _classes()
+    if type(model) not in classes:
+        names = ", ".join(sorted(c.__name__ for c in classes))
+        raise TypeError(f"transformers model {type(model).__name__} is not supported; supported: {names}")
+    attribute, kind = classes[type(model)]
+    return (model if attribute is None else getattr(model, attribute)), kind
+
+
+def placement(model: nn.Module) -> Tuple[int, Tuple[int, ...]]:
+    """Layers ATS can go in, and the default ones: ViT/DeiT layers 3 to the last (as for DeiT-S);
+    CvT: the last stage's layers 1 to 9 (the paper's placement, 0-indexed within the stage)."""
+    backbone, kind = _backbone(model)
+    if kind == "vit":
+        depth = len(backbone.layers)
+        return depth, tuple(range(min(3, depth), depth))
+    depth = len(backbone.encoder.stages[-1].layers)
+    return depth, tuple(range(min(1, depth), min(10, depth)))
+
+
 def apply(
         model: nn.Module,
         blocks: Union[None, int, Sequence[int]] = None,
@@ -130,13 +150,8 @@ def apply(
     1 to 9, the paper's placement; fewer when the stage is shorter); only ``reducer="ats"`` with
     the ``"cls_value"`` scorer.
     """
-    classes = _classes()
-    if type(model) not in classes:
-        names = ", ".join(sorted(c.__name__ for c in classes))
-        raise TypeError(f"transformers model {type(model).__name__} is not supported; supported: {names}")
+    backbone, kind = _backbone(model)
     check_unpatched(model)
-    attribute, kind = classes[type(model)]
-    backbone = model if attribute is None else getattr(model, attribute)
     if kind == "vit":
         return _apply_vit(model, backbone, blocks, num_tokens, sampler, mode, scorer, reducer)
     return _apply_cvt(model, backbone, blocks, num_tokens, sampler, mode, scorer, reducer)
@@ -144,7 +159,7 @@ def apply(
 
 def _apply_vit(model, backbone, blocks, num_tokens, sampler, mode, scorer, reducer) -> nn.Module:
     _check_vit_layers(backbone)
-    block_ids = check_blocks(blocks, len(backbone.layers), default_first=3)
+    block_ids = check_blocks(blocks, *placement(model))
     budgets = check_num_tokens(num_tokens, len(block_ids))
     check_options(sampler, scorer, mode, reducer, tuple(REDUCERS))
     views = tuple(_LayerView(layer) for layer in backbone.layers)
@@ -165,9 +180,7 @@ def _apply_cvt(model, backbone, blocks, num_tokens, sampler, mode, scorer, reduc
     if not backbone.config.cls_token[-1] or any(backbone.config.cls_token[:-1]):
         raise ValueError("CvT needs a class token in its last stage, and only there, for ATS")
     _check_cvt_stage(stage)
-    block_ids = check_blocks(blocks, len(stage.layers), default_first=1)
-    if blocks is None:
-        block_ids = tuple(i for i in block_ids if i <= 9)
+    block_ids = check_blocks(blocks, *placement(model))
     budgets = check_num_tokens(num_tokens, len(block_ids))
     check_options(sampler, scorer, mode, reducer, ("ats",))
     if scorer != "cls_value":

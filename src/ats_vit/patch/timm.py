@@ -6,7 +6,7 @@ and :func:`remove` swaps the original class back.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,12 @@ def _check_model(model: nn.Module) -> None:
                             "ATS supports timm's standard Block with Attention only")
 
 
+def placement(model: nn.Module) -> Tuple[int, Tuple[int, ...]]:
+    """Blocks ATS can go in, and the default ones: 3 to the last, the paper's DeiT-S placement."""
+    depth = len(model.blocks)
+    return depth, tuple(range(min(3, depth), depth))
+
+
 def apply(
         model: nn.Module,
         blocks: Union[None, int, Sequence[int]] = None,
@@ -77,7 +83,7 @@ def apply(
             for which ``sampler`` and ``scorer`` do not apply and ``None`` means no reduction.
     """
     _check_model(model)
-    block_ids = check_blocks(blocks, len(model.blocks), default_first=3)
+    block_ids = check_blocks(blocks, *placement(model))
     budgets = check_num_tokens(num_tokens, len(block_ids))
     check_options(sampler, scorer, mode, reducer, tuple(REDUCERS))
     config = ATSConfig(block_ids, budgets, sampler, mode, ViTCost.of(model), scorer, reducer)
