@@ -250,3 +250,60 @@ def test_unsupported_transformers_folder_is_refused(tmp_path, capsys):
     tiny_swin().save_pretrained(tmp_path / "swin")
     code, _, err = run(["eval", "--model", f"hf:{tmp_path / 'swin'}", "--out", str(tmp_path / "o")], capsys)
     assert code != 0 and one_error_line(err) and "SwinForImageClassification is not supported" in err
+
+
+def timm_twin(model):
+    """The timm ViT/DeiT that computes what the transformers one does, with its weights copied."""
+    from functools import partial
+
+    import timm
+    from torch import nn
+    deit = hasattr(model, "deit")
+    backbone = model.deit if deit else model.vit
+    config = model.config
+    twin = timm.create_model("deit_tiny_distilled_patch16_224" if deit else "vit_tiny_patch16_224",
+                             img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.hidden_size,
+                             depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                             mlp_ratio=config.intermediate_size / config.hidden_size, num_classes=config.num_labels,
+                             norm_layer=partial(nn.LayerNorm, eps=config.layer_norm_eps)).eval()
+    emb = backbone.embeddings
+    with torch.no_grad():
+        twin.patch_embed.proj.load_state_dict(emb.patch_embeddings.projection.state_dict())
+        twin.cls_token.copy_(emb.cls_token)
+        twin.pos_embed.copy_(emb.position_embeddings)
+        if deit:
+            twin.dist_token.copy_(emb.distillation_token)
+        for blk, layer in zip(twin.blocks, backbone.layers):
+            a = layer.attention
+            blk.norm1.load_state_dict(layer.layernorm_before.state_dict())
+            blk.norm2.load_state_dict(layer.layernorm_after.state_dict())
+            blk.attn.qkv.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            blk.attn.qkv.bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+            blk.attn.proj.load_state_dict(a.o_proj.state_dict())
+            blk.mlp.fc1.load_state_dict(layer.mlp.fc1.state_dict())
+            blk.mlp.fc2.load_state_dict(layer.mlp.fc2.state_dict())
+        twin.norm.load_state_dict(backbone.layernorm.state_dict())
+        if deit:
+            twin.head.load_state_dict(model.cls_classifier.state_dict())
+            twin.head_dist.load_state_dict(model.distillation_classifier.state_dict())
+        else:
+            twin.head.load_state_dict(model.classifier.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit_teacher"])
+@pytest.mark.parametrize("reducer,options", [("ats", dict(num_tokens=20)), ("ats", dict(num_tokens=0.5, sampler="topk")),
+                                             ("evit", dict(num_tokens=0.6)), ("tome", dict(num_tokens=0.6))])
+def test_every_reducer_computes_what_it_computes_in_the_timm_twin(kind, reducer, options):
+    model = make_hf(kind)
+    twin = timm_twin(model)
+    x = images(kind, 4)
+    with torch.no_grad():
+        assert torch.allclose(twin(x), logits(model, x), atol=1e-5, rtol=0)  # the twin is faithful
+        for m in (model, twin):
+            ats_vit.apply(m, blocks=[1, 2, 3], reducer=reducer, **options)
+        ours, theirs = logits(model, x), twin(x)
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+    a, b = ats_vit.last_stats(model), ats_vit.last_stats(twin)
+    assert torch.equal(a.tokens, b.tokens) and all(torch.equal(p, q) for p, q in zip(a.positions, b.positions))
+    assert torch.allclose(a.gmacs, b.gmacs, rtol=1e-12) and a.dense_gmacs == b.dense_gmacs

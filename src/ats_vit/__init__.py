@@ -1,5 +1,5 @@
 """ats-vit: Adaptive Token Sampling (Fayyaz et al., ECCV 2022) for pretrained Vision Transformers."""
-from . import zoo  # registers the bundled model with timm
+from . import zoo  # noqa: F401  (registers the bundled model with timm)
 from .flops import BlockCost, ViTCost
 from .patch import apply, is_patched, last_stats, remove
 from .registry import get_sampler, get_scorer, list_samplers, list_scorers, register_sampler

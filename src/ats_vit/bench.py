@@ -19,13 +19,15 @@ from .report import format_table
 from .block import SELECT_RANGE
 from .timing import compare_throughput, peak_forward_bytes, range_share
 
-CASES = ("deit_s", "bundled")
+CASES = ("deit_s", "bundled", "cvt13")
+DEFAULT_CASES = ("deit_s", "bundled")
+CVT_REDUCTION = 1 - 3.2 / 4.5  # the paper's CvT-13 budget: 4.5 -> 3.2 GFLOPs
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class BenchOptions:
-    cases: Sequence[str] = CASES
+    cases: Sequence[str] = DEFAULT_CASES
     batch_sizes: Sequence[int] = (1, 8, 64)
     dtypes: Sequence[str] = ("float32", "bfloat16")
     compile: bool = False
@@ -55,6 +57,18 @@ def _case(name: str, options: BenchOptions, device: torch.device):
         model = load_model().to(device)
         pool = first_images(load_dataset("fashion-mnist", model), max(options.batch_sizes)).to(device)
         return model, pool, Method("ATS 3-11 released (K=196)", "ATS", tuple(range(3, 12)))
+    if name == "cvt13":  # transformers' CvT-13 (random weights), ATS in its last stage's layers 1-9
+        try:
+            from transformers import CvtConfig, CvtForImageClassification
+        except ImportError:
+            raise UserError("--case cvt13 needs transformers: pip install 'ats-vit[hf]'") from None
+        torch.manual_seed(options.seed)
+        model = CvtForImageClassification(CvtConfig()).eval().to(device)
+        pool = torch.randn(max(options.batch_sizes), 3, 224, 224, device=device)
+        ats = Method("ATS s3 1-9", "ATS", tuple(range(1, 10)))
+        ats, _ = budget_for(model, ats, pool, (1 - CVT_REDUCTION) * dense_gmacs(model, pool),
+                            max(options.batch_sizes), f"ATS s3 1-9 -{CVT_REDUCTION:.1%}")
+        return model, pool, ats
     raise UserError(f"--case must be among {list(CASES)}, got {name!r}")
 
 

@@ -251,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="model-only throughput: dense vs ATS packed vs ATS padded, realisation ratio")
     bn.add_argument("--case", type=lambda t: t.split(","), default=["deit_s", "bundled"],
-                    help="deit_s (DeiT-S shape at 224, random weights), bundled (Fashion-MNIST ViT, real images)")
+                    help="deit_s (DeiT-S shape at 224, random weights), bundled (Fashion-MNIST ViT, real images), "
+                         "cvt13 (transformers CvT-13 at 224, random weights, ATS at the paper's -29%%; needs "
+                         "ats-vit[hf])")
     bn.add_argument("--batch-sizes", type=lambda t: [int(v) for v in t.split(",")], default=[1, 8, 64])
     bn.add_argument("--dtypes", type=lambda t: t.split(","), default=["float32", "bfloat16"])
     bn.add_argument("--compile", action="store_true", help="time torch.compile'd models")
