@@ -177,7 +177,7 @@ def tiny_swin():
     (lambda: ViTForMaskedImageModeling(ViTConfig(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2,
                                                  num_attention_heads=3, intermediate_size=96)),
      TypeError, "ViTForMaskedImageModeling is not supported"),
-    (lambda: make_hf("cvt"), ValueError, "supports scorer 'cls_value' only"),
+    (lambda: make_hf("cvt"), ValueError, "supports reducer 'ats' with scorer 'cls_value' only"),
     (lambda: make_hf("vit"), ValueError, r"blocks contains 4; allowed: block indices in 0\.\.3"),
 ])
 def test_unsupported_models_and_options_are_refused(build, error, match):
@@ -307,3 +307,14 @@ def test_every_reducer_computes_what_it_computes_in_the_timm_twin(kind, reducer,
     a, b = ats_vit.last_stats(model), ats_vit.last_stats(twin)
     assert torch.equal(a.tokens, b.tokens) and all(torch.equal(p, q) for p, q in zip(a.positions, b.positions))
     assert torch.allclose(a.gmacs, b.gmacs, rtol=1e-12) and a.dense_gmacs == b.dense_gmacs
+
+
+def test_ablate_on_cvt_runs_the_variants_it_supports(hf_folder, image_folder, tmp_path, capsys):
+    code, stdout, err = run(["ablate", "--model", f"hf:{hf_folder}", "--data", str(image_folder),
+                             "--reductions", "0.1", "--calib-images", "9", "--workers", "0", "--timing-repeats", "1",
+                             "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    rows = [r["method"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]]
+    assert rows == ["dense", "ATS 1-3 -10%", "top-K 1-3 -10%", "random selection 1-3 -10%", "ATS block 1 -10%"]
+    for skipped in ("EViT 1-3", "ToMe 1-3", "ATS 1-3, no value norm"):
+        assert f"skipping {skipped}: CvT supports reducer 'ats'" in stdout

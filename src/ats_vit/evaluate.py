@@ -246,6 +246,11 @@ def ablation_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
         Method("", f"EViT {span}", late, reducer="evit"),
         Method("", f"ToMe {span}", late, reducer="tome"),
     ]
+    refused = {v.family: _refusal(model, v) for v in variants}
+    for family, reason in refused.items():
+        if reason:
+            progress(f"skipping {family}: {reason}")
+    variants = [v for v in variants if not refused[v.family]]
     dense = dense_gmacs(model, images)
     methods = [DENSE]
     for r in reductions:
@@ -253,6 +258,15 @@ def ablation_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
             progress(f"finding the budget of {v.family} for {r:.0%} fewer GMACs")
             methods.append(budget_for(model, v, images, (1 - r) * dense, batch_size, f"{v.family} -{r:.0%}")[0])
     return methods
+
+
+def _refusal(model: nn.Module, method: Method) -> Optional[str]:
+    """Why ``model`` cannot run ``method`` (apply's error), or None."""
+    try:
+        with configured(model, method):
+            return None
+    except (ValueError, TypeError) as e:
+        return str(e)
 
 
 SUITES = {"default": default_suite, "ablate": ablation_suite}

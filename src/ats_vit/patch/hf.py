@@ -182,9 +182,10 @@ def _apply_cvt(model, backbone, blocks, num_tokens, sampler, mode, scorer, reduc
     _check_cvt_stage(stage)
     block_ids = check_blocks(blocks, *placement(model))
     budgets = check_num_tokens(num_tokens, len(block_ids))
-    check_options(sampler, scorer, mode, reducer, ("ats",))
-    if scorer != "cls_value":
-        raise ValueError(f"CvT supports scorer 'cls_value' only, got {scorer!r}")
+    check_options(sampler, scorer, mode, reducer, tuple(REDUCERS))
+    if (reducer, scorer) != ("ats", "cls_value"):
+        raise ValueError(f"CvT supports reducer 'ats' with scorer 'cls_value' only, got {reducer!r} "
+                         f"with {scorer!r}: its keys are not its tokens")
     head = linear_macs(model) - linear_macs(backbone)
     config = ATSConfig(block_ids, budgets, sampler, mode, CvtCost.of(encoder, head), scorer, reducer)
     install(model, encoder, patched_class(type(encoder), _ATSCvtEncoder), config)
