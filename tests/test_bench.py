@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ats_vit
+from ats_vit.bench import BOUND_LABEL, TokenCountBound
 from ats_vit.timing import interleaved_times, peak_forward_bytes, range_share
 from conftest import one_error_line, run
 from reference import make_vit
@@ -14,14 +15,14 @@ def test_bench_bundled_model_reports_every_column(tmp_path, capsys):
                           "--warmup", "1", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert len(rows) == 2 * 2 * 3  # dtypes x batch sizes x (dense, packed, padded)
+    assert len(rows) == 2 * 2 * 4  # dtypes x batch sizes x (dense, packed, padded, bound)
     for r in rows:
         assert r["runs"] == 10 and r["images_per_s"] > 0 and r["peak_mb"] > 0
         assert r["realisation"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
         assert r["ideal_speedup"] == pytest.approx(rows[0]["gmacs"] / r["gmacs"])
         if r["method"] != "dense":
             assert len(r["tokens_per_ats_block"]) == 9 and r["gmacs"] < rows[0]["gmacs"]
-            assert 0 < r["selection_share"] < 1
+            assert 0 < r["selection_share"] < 1 or (r["method"] == BOUND_LABEL and r["selection_share"] == 0)
     packed = [r for r in rows if r["method"].endswith("packed")]
     padded = [r for r in rows if r["method"].endswith("padded")]
     assert [r["gmacs"] for r in packed] == [r["gmacs"] for r in padded]  # same images, same tokens
@@ -33,6 +34,24 @@ def test_bench_bundled_model_reports_every_column(tmp_path, capsys):
 def test_bench_bad_input(args, match, capsys):
     code, _, err = run(["bench", "--batch-sizes", "1", *args], capsys)
     assert code == 2 and match in err and one_error_line(err)
+
+
+def test_token_count_bound_runs_each_block_on_the_counts_and_counts_its_macs():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_vit("deit_tiny_patch16_224", img_size=64)  # 16 patches + the class token
+    counts = torch.tensor([[17, 17, 17, 17, 12, 12, 9, 9, 9, 5, 5, 5, 5]])
+    bound = TokenCountBound(model, counts)
+    seen = []
+    hooks = [blk.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1])) for blk in model.blocks]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        bound(x)
+    for hook in hooks:
+        hook.remove()
+    assert seen == counts[0, 1:].tolist()
+    assert bound.gmacs() * 1e9 == counter.get_total_flops() // 2
 
 
 def test_peak_memory_grows_with_batch():

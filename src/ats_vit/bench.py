@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .errors import UserError
@@ -17,7 +18,10 @@ from .evaluate import DENSE, Method, budget_for, configured_copies, dense_gmacs
 from .patch import last_stats
 from .report import format_table
 from .block import SELECT_RANGE
+from .flops import ViTCost
 from .timing import compare_throughput, peak_forward_bytes, range_share
+
+BOUND_LABEL = "bound: dense blocks at ATS's counts"
 
 CASES = ("deit_s", "bundled", "cvt13")
 DEFAULT_CASES = ("deit_s", "bundled")
@@ -78,7 +82,12 @@ def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, d
     the baseline of the speed-ups, each the median of the rounds' paired time ratios."""
     autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else nullcontext()
     with configured_copies(model, methods) as models, autocast:
-        runners = [torch.compile(m) if options.compile else m for m in models]
+        bound = None
+        if isinstance(model, VisionTransformer):
+            with torch.no_grad():
+                models[1](batch)
+            bound = TokenCountBound(models[0], last_stats(models[1]).tokens)
+        runners = [torch.compile(m) if options.compile else m for m in models + ([bound] if bound else [])]
         speeds = compare_throughput(runners, batch, options.warmup, options.repeats)
         rows = []
         for method, net, (images_per_s, speedup) in zip(methods, models, speeds):
@@ -89,15 +98,46 @@ def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, d
                 gmacs = float(stats.gmacs.mean())
                 tokens = [round(float(t), 1) for t in stats.num_kept.double().mean(0)]
                 select = range_share(net, batch, SELECT_RANGE)
-            rows.append({"method": method.label, "images_per_s": images_per_s,
-                         "latency_ms": 1000 * len(batch) / images_per_s,
-                         "peak_mb": peak_forward_bytes(net, batch) / 2 ** 20, "gmacs": gmacs,
-                         "tokens_per_ats_block": tokens, "selection_share": select, "runs": options.repeats,
-                         "speedup": speedup})
+            rows.append(_row(method.label, net, batch, images_per_s, speedup, gmacs, tokens, select, options))
+        if bound is not None:
+            kept = [float(bound.counts[i + 1] - model.num_prefix_tokens) for i in methods[1].blocks]
+            rows.append(_row(BOUND_LABEL, bound, batch, *speeds[-1], bound.gmacs(), kept, 0.0, options))
     for row in rows:
         row["ideal_speedup"] = rows[0]["gmacs"] / row["gmacs"]
         row["realisation"] = row["speedup"] / row["ideal_speedup"]
     return rows
+
+
+def _row(label: str, net, batch: torch.Tensor, images_per_s: float, speedup: float, gmacs: float,
+         tokens: List[float], select: float, options: BenchOptions) -> Dict:
+    return {"method": label, "images_per_s": images_per_s, "latency_ms": 1000 * len(batch) / images_per_s,
+            "peak_mb": peak_forward_bytes(net, batch) / 2 ** 20, "gmacs": gmacs, "tokens_per_ats_block": tokens,
+            "selection_share": select, "runs": options.repeats, "speedup": speedup}
+
+
+class TokenCountBound(nn.Module):
+    """The dense timm model with each block simply run on as many tokens as ATS kept there (the
+    batch's mean count, rounded, for every image; the first tokens, not the selected ones), with
+    no scoring, sampling, padding or packing: the speed-up this machine's kernels allow at ATS's
+    token counts, a bound for any implementation of the selection."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.counts = [int(c) for c in tokens.double().mean(0).round()]  # entering each block, then leaving the last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.norm_pre(m._pos_embed(m.patch_embed(x)))
+        for i, blk in enumerate(m.blocks):
+            x = blk(x[:, :self.counts[i + 1]])  # block i holds what ATS leaves after it
+        return m.forward_head(m.norm(x))
+
+    def gmacs(self) -> float:
+        """GMACs per image: each block dense at the count it holds."""
+        prefix = self.model.num_prefix_tokens
+        per_block = torch.tensor([self.counts[1:] + self.counts[-1:]])
+        return float(ViTCost.of(self.model).macs(self.counts[0] - prefix, per_block, (), "dense", prefix)[0]) / 1e9
 
 
 def run_bench(options: BenchOptions) -> List[Dict]:

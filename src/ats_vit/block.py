@@ -13,7 +13,7 @@ rest of its batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -37,6 +37,7 @@ class Layout:
     index: Tensor
     valid: Optional[Tensor]
     packed: bool
+    _rows: Optional[tuple] = field(default=None, repr=False, compare=False)  # (valid, real_rows()) cache
 
     @classmethod
     def dense(cls, batch: int, width: int, device: torch.device, packed: bool) -> "Layout":
@@ -50,13 +51,20 @@ class Layout:
         """(T, ...) -> (B, Nmax, ...)."""
         if self.valid is None or not self.packed:
             return flat.view(*self.shape, *flat.shape[1:])
-        return flat[self.index]
+        # index_select: several times faster than advanced indexing on the CPU.
+        return torch.index_select(flat, 0, self.index.flatten()).view(*self.shape, *flat.shape[1:])
 
     def unpad(self, padded: Tensor) -> Tensor:
         """(B, Nmax, ...) -> (T, ...): the inverse of :meth:`pad` on real tokens."""
         if self.valid is None or not self.packed:
             return padded.reshape(-1, *padded.shape[2:])
-        return padded[self.valid]
+        return torch.index_select(padded.reshape(-1, *padded.shape[2:]), 0, self.real_rows())
+
+    def real_rows(self) -> Tensor:
+        """(T,) positions of the real tokens in the flattened (B * Nmax) padded view."""
+        if self._rows is None or self._rows[0] is not self.valid:
+            self._rows = (self.valid, self.valid.flatten().nonzero().squeeze(1))
+        return self._rows[1]
 
     def key_mask(self) -> Optional[Tensor]:
         """Boolean attention mask (B, 1, 1, Nmax) that hides padding keys, or None."""
@@ -261,8 +269,9 @@ def ats_block(
     kept, new_layout, flat_rows, positions = select_rows(tokens, index, P)
     q = q.gather(2, kept[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
     out = _attend(attn, q, k, v, new_layout.valid, layout.valid, layout.packed)
-    gate = h[flat_rows] if getattr(attn, "gate", None) is not None else None
-    y = _block_tail(block, tokens.x[flat_rows], gate, new_layout.unpad(out.transpose(1, 2).flatten(2)), new_layout)
+    gate = torch.index_select(h, 0, flat_rows) if getattr(attn, "gate", None) is not None else None
+    out = new_layout.unpad(out.transpose(1, 2).flatten(2))
+    y = _block_tail(block, torch.index_select(tokens.x, 0, flat_rows), gate, out, new_layout)
     return Tokens(y, new_layout, positions)
 
 

@@ -120,7 +120,7 @@ def cvt_block(layer: nn.Module, tokens: Tokens, grid: Grid,
     # Hidden keys lie anywhere on the grid, not at the end, so images are not grouped by key count.
     out = _attend(_AttentionParams(sa), q, k, v, kept_layout.valid, key_valid, grouped=False)
     out = kept_layout.unpad(out.transpose(1, 2).flatten(2))
-    x = tokens.x if rows is None else tokens.x[rows]
+    x = tokens.x if rows is None else torch.index_select(tokens.x, 0, rows)
     x = x + _drop_path(layer.drop_path, layer.attention.output(out, None), kept_layout)
     # transformers' CvtLayer drops the path of the MLP output *with* its residual; kept as it is.
     y = _drop_path(layer.drop_path, layer.output(layer.intermediate(layer.layernorm_after(x)), x), kept_layout)
