@@ -12,14 +12,16 @@ class ATSStats:
     """Per-image record of one forward of an ATS-patched model.
 
     Attributes:
-        blocks: indices of the ATS (or EViT/ToMe) blocks.
-        num_patches: patch tokens of the input (the grid size, e.g. 196 at 224 px with patch 16).
+        blocks: indices of the ATS (or EViT/ToMe) blocks (CvT: of the layers of its last stage).
+        num_patches: patch tokens of the input (the grid size, e.g. 196 at 224 px with patch 16;
+            CvT: of its last stage's grid, 196 at 224 px).
         num_kept: (B, L) patch tokens each image kept after each such block (EViT's fused token
             and ToMe's merged tokens count as one each).
         positions: L tensors (B, K'max): original patch index (row-major on the grid) of each
             patch token kept after that block, padded with -1 (ATS: ascending; EViT: its fused
             token is -1; ToMe: a merged token carries the position of the token it merged into).
-        tokens: (B, depth + 1) tokens (prefix included) entering each block, then leaving the last.
+        tokens: (B, depth + 1) tokens (prefix included) entering each block, then leaving the last
+            (CvT: each layer of its last stage).
         gmacs: (B,) float64 GMACs of each image, counted from the tokens it kept.
         dense_gmacs: GMACs of one image through the unpatched model at the same input size.
     """
