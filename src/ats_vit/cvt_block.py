@@ -95,12 +95,11 @@ def cvt_block(layer: nn.Module, tokens: Tokens, grid: Grid,
     cls, positions = h[:, :1], tokens.positions
     canvas = grid_of_tokens(h[:, 1:], positions, grid)
     key_conv = sa.convolution_projection_key.convolution_projection.convolution
-    q_rows = sa.convolution_projection_query(canvas).gather(1, positions.clamp(min=0)[..., None].expand(-1, -1, C))
+    q_grid = sa.convolution_projection_query(canvas)  # (B, H * W, C)
     keys = torch.cat([cls, sa.convolution_projection_key(canvas)], dim=1)
     values = torch.cat([cls, sa.convolution_projection_value(canvas)], dim=1)
     occupied = _occupied_keys(positions, grid, key_conv)
     key_valid = torch.cat([positions.new_ones(B, 1, dtype=torch.bool), occupied.flatten(1)], dim=1)
-    q = _heads(layout.pad(sa.projection_query(layout.unpad(torch.cat([cls, q_rows], dim=1)))), heads)
     k = _heads(sa.projection_key(keys), heads)
     v = _heads(sa.projection_value(values), heads)
 
@@ -109,14 +108,17 @@ def cvt_block(layer: nn.Module, tokens: Tokens, grid: Grid,
     else:
         num_samples, sampler = select
         with record_function(SELECT_RANGE):
-            key_scores = token_scores(attention_probs(q[:, :, :1], k, key_valid, sa.scale), v, 1, key_valid)
+            q_cls = _heads(sa.projection_query(cls), heads)
+            key_scores = token_scores(attention_probs(q_cls, k, key_valid, sa.scale), v, 1, key_valid)
             cells = _cell_of_token(positions, grid, occupied.shape[1:], key_conv.stride)
             scores = key_scores.gather(1, cells)
             scores = scores.masked_fill(positions < 0, 0.0)
             index = sampler(scores / scores.sum(dim=1, keepdim=True), num_samples)
-        kept, kept_layout, rows, kept_positions = select_rows(tokens, index, 1)
-        q = q.gather(2, kept[:, None, :, None].expand(-1, heads, -1, q.shape[3]))
+        _, kept_layout, rows, kept_positions = select_rows(tokens, index, 1)
 
+    # Only the tokens that go on get a query projection (the class token's again, with them).
+    q_rows = q_grid.gather(1, kept_positions.clamp(min=0)[..., None].expand(-1, -1, C))
+    q = _heads(kept_layout.pad(sa.projection_query(kept_layout.unpad(torch.cat([cls, q_rows], dim=1)))), heads)
     # Hidden keys lie anywhere on the grid, not at the end, so images are not grouped by key count.
     out = _attend(_AttentionParams(sa), q, k, v, kept_layout.valid, key_valid, grouped=False)
     out = kept_layout.unpad(out.transpose(1, 2).flatten(2))

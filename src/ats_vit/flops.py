@@ -146,17 +146,17 @@ class CvtLayerCost:
 
     def macs(self, grid: tuple[int, int], n_in: Count, n_out: Count, cls_token: bool, kind: str = "dense") -> Count:
         """MACs on an (H, W) token grid when ``n_in`` tokens enter and ``n_out`` leave (class token
-        included). The convolutions run over the whole grid; an ATS layer projects every entering
-        query, scores with the class row and attends with the kept rows only."""
+        included). The convolutions run over the whole grid; an ATS layer projects the class query
+        and scores with it, then projects the queries of the kept tokens alone and attends with them."""
         q_grid, kv_grid = self.q_conv.grid(*grid), self.kv_conv.grid(*grid)
         keys = kv_grid[0] * kv_grid[1] + int(cls_token)
         convs = (q_grid[0] * q_grid[1] * self.q_conv.per_position
                  + 2 * kv_grid[0] * kv_grid[1] * self.kv_conv.per_position)
-        shared = convs + n_in * self.q_proj + keys * self.kv_proj
+        shared = convs + keys * self.kv_proj + n_out * (self.q_proj + keys * 2 * self.width + self.proj + self.mlp)
         if kind == "dense":
-            return shared + n_in * keys * 2 * self.width + n_in * (self.proj + self.mlp)
-        if kind == "ats":
-            return shared + keys * self.width + n_out * keys * 2 * self.width + n_out * (self.proj + self.mlp)
+            return shared
+        if kind == "ats":  # the class query for scoring, and its q kᵀ row
+            return shared + self.q_proj + keys * self.width
         raise ValueError(f"kind must be dense or ats for CvT, got {kind!r}")
 
 
