@@ -318,3 +318,20 @@ def test_ablate_on_cvt_runs_the_variants_it_supports(hf_folder, image_folder, tm
     assert rows == ["dense", "ATS 1-3 -10%", "top-K 1-3 -10%", "random selection 1-3 -10%", "ATS block 1 -10%"]
     for skipped in ("EViT 1-3", "ToMe 1-3", "ATS 1-3, no value norm"):
         assert f"skipping {skipped}: CvT supports reducer 'ats'" in stdout
+
+
+@pytest.mark.parametrize("kind", ["vit", "cvt"])
+def test_bare_backbones_are_patched_too(kind):
+    model = make_hf(kind)
+    backbone = model.vit if kind == "vit" else model.cvt
+    x = images(kind, 2)
+    with torch.no_grad():
+        expected = backbone(pixel_values=x)
+        ats_vit.apply(backbone, blocks=[])
+        out = backbone(pixel_values=x)
+        assert torch.allclose(out.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
+        ats_vit.remove(backbone)
+        ats_vit.apply(backbone, blocks=[1, 2], num_tokens=6)
+        backbone(pixel_values=x)
+    stats = ats_vit.last_stats(backbone)
+    assert (stats.num_kept <= 6).all() and (stats.gmacs < stats.dense_gmacs).all()
