@@ -13,7 +13,7 @@ transformers' own; only the backbone's class is swapped:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from ..block import Layout, Tokens, block_forward
 from ..cvt_block import cvt_block, grid_of_tokens
 from ..flops import BlockCost, CvtCost, ViTCost, linear_macs
 from ..registry import get_sampler
-from .common import (LAST, REDUCERS, ATSConfig, TokenBudget, budget, check_blocks, check_num_tokens, check_options,
+from .common import (LAST, REDUCERS, ATSConfig, budget, check_blocks, check_num_tokens, check_options,
                      check_unpatched, config_of, install, make_stats, patched_class, run_blocks)
 
 REQUIREMENT = "transformers>=5.10,<6 (pip install 'ats-vit[hf]')"
@@ -134,16 +134,8 @@ def placement(model: nn.Module) -> Tuple[int, Tuple[int, ...]]:
     return depth, tuple(range(min(1, depth), min(10, depth)))
 
 
-def apply(
-        model: nn.Module,
-        blocks: Union[None, int, Sequence[int]] = None,
-        num_tokens: Union[TokenBudget, Sequence[TokenBudget]] = None,
-        sampler: str = "inverse_transform",
-        mode: str = "packed",
-        scorer: str = "cls_value",
-        reducer: str = "ats",
-) -> nn.Module:
-    """:func:`ats_vit.patch.timm.apply` for transformers models (same arguments).
+def apply(model: nn.Module, blocks, num_tokens, sampler: str, mode: str, scorer: str, reducer: str) -> nn.Module:
+    """:func:`ats_vit.apply` for transformers models.
 
     ViT / DeiT: ``blocks`` index ``model.vit.layers`` (default 3 to the last, as for DeiT-S).
     CvT: ``blocks`` index the layers of the last stage, the only one with a class token (default

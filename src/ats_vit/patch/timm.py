@@ -6,7 +6,7 @@ and :func:`remove` swaps the original class back.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..flops import ViTCost
-from .common import (LAST, REDUCERS, ATSConfig, TokenBudget, check_blocks, check_num_tokens, check_options,
+from .common import (LAST, REDUCERS, ATSConfig, check_blocks, check_num_tokens, check_options,
                      check_unpatched, config_of, install, patched_class, run_blocks)
 
 _VALID = "_ats_valid"
@@ -52,36 +52,9 @@ def placement(model: nn.Module) -> Tuple[int, Tuple[int, ...]]:
     return depth, tuple(range(min(3, depth), depth))
 
 
-def apply(
-        model: nn.Module,
-        blocks: Union[None, int, Sequence[int]] = None,
-        num_tokens: Union[TokenBudget, Sequence[TokenBudget]] = None,
-        sampler: str = "inverse_transform",
-        mode: str = "packed",
-        scorer: str = "cls_value",
-        reducer: str = "ats",
-) -> nn.Module:
-    """Put ATS (or, for comparison, another token reducer) into ``model`` in place and return it.
-
-    Args:
-        model: a timm ``VisionTransformer`` (any subclass built on its standard blocks).
-        blocks: ATS block indices; None means every block from 3 to the last (the paper's DeiT-S
-            placement).
-        num_tokens: K, the most patch tokens an ATS block keeps: None (the input's patch count,
-            the released configuration), an int >= 1, a float in (0, 1] (that fraction of the patch
-            tokens entering the block, per image, rounded, at least 1), or a list of those, one per
-            ATS block.
-        sampler: a name from :func:`ats_vit.list_samplers` (``"inverse_transform"``, ``"topk"``).
-        mode: ``"packed"`` runs the layers after an ATS block on the kept tokens only;
-            ``"padded"`` pads every image to the batch's largest count, as the released
-            implementation does. Both compute the same outputs.
-        scorer: how ATS scores tokens, a name from :func:`ats_vit.list_scorers`: ``"cls_value"``
-            (the paper's), ``"cls"`` (without the value norm), ``"all_queries"``, ``"random"``.
-        reducer: ``"ats"``; or the rivals ``"evit"`` (keep the ``num_tokens`` patch tokens the
-            class token attends to most, fuse the rest into one) and ``"tome"`` (merge patch
-            tokens by bipartite soft matching down to ``num_tokens``, at most half per block),
-            for which ``sampler`` and ``scorer`` do not apply and ``None`` means no reduction.
-    """
+def apply(model: nn.Module, blocks, num_tokens, sampler: str, mode: str, scorer: str, reducer: str) -> nn.Module:
+    """:func:`ats_vit.apply` for a timm ``VisionTransformer`` (any subclass built on its standard
+    blocks)."""
     _check_model(model)
     block_ids = check_blocks(blocks, *placement(model))
     budgets = check_num_tokens(num_tokens, len(block_ids))
