@@ -335,3 +335,12 @@ def test_bare_backbones_are_patched_too(kind):
         backbone(pixel_values=x)
     stats = ats_vit.last_stats(backbone)
     assert (stats.num_kept <= 6).all() and (stats.gmacs < stats.dense_gmacs).all()
+
+
+def test_views_follow_dtype_moves_and_loaded_weights():
+    model = ats_vit.apply(make_hf("vit"), blocks=[])
+    other = make_hf("vit", seed=1)
+    model.load_state_dict(other.state_dict())  # the views hold the layers' own parameters
+    model.to(torch.float64)
+    x = images("vit", 2, dtype=torch.float64)
+    assert torch.allclose(logits(model, x), logits(other.to(torch.float64), x), atol=1e-12, rtol=0)
