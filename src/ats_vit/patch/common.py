@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ CONFIG = "_ats_config"  # on the model the user passed in
 PATCH = "_ats_patch"  # the same config, on the target
 LAST = "_ats_last"  # the target's last statistics
 MODES = ("packed", "padded")
+REDUCER_NAMES = ("ats", "evit", "tome")
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,9 @@ class ATSConfig:
     num_tokens: Tuple[TokenBudget, ...]
     sampler: str
     mode: str
-    cost: object
     scorer: str = "cls_value"
     reducer: str = "ats"
+    cost: object = None
     original_class: Optional[type] = None
     target: Optional[nn.Module] = field(default=None, compare=False, repr=False)
 
@@ -88,8 +89,12 @@ def check_num_tokens(num_tokens, num_blocks: int) -> Tuple[TokenBudget, ...]:
     return (_check_budget(num_tokens),) * num_blocks
 
 
-def check_options(sampler: str, scorer: str, mode: str, reducer: str, reducers: Sequence[str]) -> None:
-    """Refuse unknown names; ``reducers`` are those the host supports."""
+def checked_config(placement: Tuple[int, Sequence[int]], blocks, num_tokens, sampler: str, mode: str, scorer: str,
+                   reducer: str, reducers: Sequence[str] = tuple(REDUCER_NAMES)) -> ATSConfig:
+    """Every argument of :func:`ats_vit.apply` checked, as a config (no cost, no target yet);
+    ``placement`` is the host's (block count, default blocks), ``reducers`` those it supports."""
+    block_ids = check_blocks(blocks, *placement)
+    budgets = check_num_tokens(num_tokens, len(block_ids))
     get_sampler(sampler)
     get_scorer(scorer)
     if mode not in MODES:
@@ -98,6 +103,7 @@ def check_options(sampler: str, scorer: str, mode: str, reducer: str, reducers: 
         raise ValueError(f"reducer must be one of {list(reducers)}, got {reducer!r}")
     if reducer != "ats" and (sampler, scorer) != ("inverse_transform", "cls_value"):
         raise ValueError(f"sampler and scorer apply to reducer='ats' only, not {reducer!r}")
+    return ATSConfig(block_ids, budgets, sampler, mode, scorer, reducer)
 
 
 def check_unpatched(model: nn.Module) -> None:
@@ -105,9 +111,10 @@ def check_unpatched(model: nn.Module) -> None:
         raise ValueError("ATS is already applied to this model; call ats_vit.remove(model) first")
 
 
-def install(model: nn.Module, target: nn.Module, patched_class: type, config: ATSConfig) -> nn.Module:
-    """Swap ``target``'s class for ``patched_class`` and record ``config`` on ``model``."""
-    config = replace(config, target=target, original_class=type(target))
+def install(model: nn.Module, target: nn.Module, patched_class: type, config: ATSConfig, cost) -> nn.Module:
+    """Swap ``target``'s class for ``patched_class`` and record ``config``, with the host's
+    ``cost`` model, on ``model``."""
+    config = replace(config, cost=cost, target=target, original_class=type(target))
     target.__class__ = patched_class
     setattr(model, CONFIG, config)
     setattr(target, PATCH, config)
@@ -194,15 +201,19 @@ def _reduce_tome(block: nn.Module, tokens: Tokens, num_prefix: int, value: Token
 
 # Every reducer runs one block on a token batch: (block, tokens, prefix count, its budget, the
 # input's patch count, the patch config) -> tokens.
-REDUCERS = {"ats": _reduce_ats, "evit": _reduce_evit, "tome": _reduce_tome}
+REDUCERS = dict(zip(REDUCER_NAMES, (_reduce_ats, _reduce_evit, _reduce_tome)))
 
 
-def run_blocks(blocks: Sequence, x: Tensor, num_prefix: int, config: ATSConfig,
-               grad_checkpointing: bool) -> Tuple[Tokens, ATSStats]:
-    """Run timm-style ``blocks`` (timm ``Block``, or a view with its interface) on the embedded
-    tokens ``x`` (B, N, C), reducing at the patched blocks; the tokens leaving the last block and
-    the forward's statistics."""
-    reduce = REDUCERS[config.reducer]
+def run_blocks(blocks: Sequence, x: Tensor, num_prefix: int, config: ATSConfig, grad_checkpointing: bool = False,
+               reduce: Optional[Callable] = None, dense: Callable = dense_block, cost=None) -> Tuple[Tokens, ATSStats]:
+    """Run ``blocks`` on the embedded tokens ``x`` (B, N, C), reducing at the patched blocks; the
+    tokens leaving the last block and the forward's statistics.
+
+    By default the blocks are timm-style (timm ``Block``, or a view with its interface) and run
+    through the config's reducer and :func:`~ats_vit.block.dense_block`; a host with other blocks
+    passes its own ``reduce`` (with a reducer's arguments) and ``dense`` (block, tokens), and a
+    ``cost`` model for :func:`make_stats`."""
+    reduce = REDUCERS[config.reducer] if reduce is None else reduce
     P = num_prefix
     B, N, _ = x.shape
     n = N - P
@@ -219,9 +230,9 @@ def run_blocks(blocks: Sequence, x: Tensor, num_prefix: int, config: ATSConfig,
             tokens = run(reduce, blk, tokens, P, budgets[i], n, config)
             positions.append(tokens.positions)
         else:
-            tokens = run(dense_block, blk, tokens)
+            tokens = run(dense, blk, tokens)
         counts.append(tokens.layout.counts())
-    return tokens, make_stats(config, n, P, torch.stack(counts, dim=1), tuple(positions))
+    return tokens, make_stats(config, n, P, torch.stack(counts, dim=1), tuple(positions), cost)
 
 
 def make_stats(config: ATSConfig, num_patches: int, num_prefix: int, token_counts: Tensor,

@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..block import Layout, Tokens, block_forward
+from ..block import block_forward
 from ..cvt_block import cvt_block, grid_of_tokens
 from ..flops import BlockCost, CvtCost, ViTCost, linear_macs
 from ..registry import get_sampler
-from .common import (LAST, REDUCERS, ATSConfig, budget, check_blocks, check_num_tokens, check_options,
-                     check_unpatched, config_of, install, make_stats, patched_class, run_blocks)
+from .common import LAST, budget, check_unpatched, checked_config, config_of, install, patched_class, run_blocks
 
 REQUIREMENT = "transformers>=5.10,<6 (pip install 'ats-vit[hf]')"
 _VIEWS = "_ats_views"
@@ -151,17 +150,14 @@ def apply(model: nn.Module, blocks, num_tokens, sampler: str, mode: str, scorer:
 
 def _apply_vit(model, backbone, blocks, num_tokens, sampler, mode, scorer, reducer) -> nn.Module:
     _check_vit_layers(backbone)
-    block_ids = check_blocks(blocks, *placement(model))
-    budgets = check_num_tokens(num_tokens, len(block_ids))
-    check_options(sampler, scorer, mode, reducer, tuple(REDUCERS))
+    config = checked_config(placement(model), blocks, num_tokens, sampler, mode, scorer, reducer)
     views = tuple(_LayerView(layer) for layer in backbone.layers)
     pooler = getattr(backbone, "pooler", None)
     # Heads: every linear layer outside the backbone, and the backbone's pooler.
     head = linear_macs(model) - linear_macs(backbone) + linear_macs(pooler)
     cost = ViTCost(per_patch=backbone.embeddings.patch_embeddings.projection.weight.numel(), head=head,
                    blocks=[BlockCost.of(v) for v in views])
-    config = ATSConfig(block_ids, budgets, sampler, mode, cost, scorer, reducer)
-    install(model, backbone, patched_class(type(backbone), _ATSViTModel), config)
+    install(model, backbone, patched_class(type(backbone), _ATSViTModel), config, cost)
     setattr(backbone, _VIEWS, views)
     return model
 
@@ -172,20 +168,17 @@ def _apply_cvt(model, backbone, blocks, num_tokens, sampler, mode, scorer, reduc
     if not backbone.config.cls_token[-1] or any(backbone.config.cls_token[:-1]):
         raise ValueError("CvT needs a class token in its last stage, and only there, for ATS")
     _check_cvt_stage(stage)
-    block_ids = check_blocks(blocks, *placement(model))
-    budgets = check_num_tokens(num_tokens, len(block_ids))
-    check_options(sampler, scorer, mode, reducer, tuple(REDUCERS))
+    config = checked_config(placement(model), blocks, num_tokens, sampler, mode, scorer, reducer)
     if (reducer, scorer) != ("ats", "cls_value"):
         raise ValueError(f"CvT supports reducer 'ats' with scorer 'cls_value' only, got {reducer!r} "
                          f"with {scorer!r}: its keys are not its tokens")
     head = linear_macs(model) - linear_macs(backbone)
-    config = ATSConfig(block_ids, budgets, sampler, mode, CvtCost.of(encoder, head), scorer, reducer)
-    install(model, encoder, patched_class(type(encoder), _ATSCvtEncoder), config)
+    install(model, encoder, patched_class(type(encoder), _ATSCvtEncoder), config, CvtCost.of(encoder, head))
     return model
 
 
-def _refuse(kwargs: dict, **arguments) -> None:
-    for name, value in {**arguments, **kwargs}.items():
+def _refuse(**arguments) -> None:
+    for name, value in arguments.items():
         if value is not None and value is not False:
             raise ValueError(f"{name} is not supported while ATS is applied; call ats_vit.remove(model) first")
 
@@ -199,7 +192,7 @@ class _ATSViTModel:
                 **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        _refuse({}, bool_masked_pos=bool_masked_pos, attention_mask=attention_mask,
+        _refuse(bool_masked_pos=bool_masked_pos, attention_mask=attention_mask,
                 output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         weight = self.embeddings.patch_embeddings.projection.weight
         x = self.embeddings(pixel_values.to(weight.dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding))
@@ -219,8 +212,7 @@ class _ATSCvtEncoder:
     def forward(self, pixel_values: Tensor, output_hidden_states: bool = False, return_dict: bool = True):
         from transformers.models.cvt.modeling_cvt import BaseModelOutputWithCLSToken
 
-        _refuse({}, output_hidden_states=output_hidden_states)
-        config: ATSConfig = config_of(self)
+        _refuse(output_hidden_states=output_hidden_states)
         height, width = pixel_values.shape[-2:]
         hidden = pixel_values
         for stage in self.stages[:-1]:
@@ -229,24 +221,20 @@ class _ATSCvtEncoder:
         grid = stage.embedding(hidden)
         B, C, H, W = grid.shape
         x = torch.cat([stage.cls_token.expand(B, -1, -1), grid.flatten(2).transpose(1, 2)], dim=1)
-        layout = Layout.dense(B, H * W + 1, x.device, packed=config.mode == "packed")
-        tokens = Tokens(x.flatten(0, 1), layout, torch.arange(H * W, device=x.device).expand(B, H * W))
-        counts, positions = [layout.counts()], []
-        budgets = dict(zip(config.blocks, config.num_tokens))
-        sampler = get_sampler(config.sampler)
-        for i, layer in enumerate(stage.layers):
-            select = None
-            if i in budgets:
-                select = (budget(budgets[i], tokens, H * W, 1), sampler)
-            tokens = cvt_block(layer, tokens, (H, W), select)
-            if i in budgets:
-                positions.append(tokens.positions)
-            counts.append(tokens.layout.counts())
-        setattr(self, LAST, make_stats(config, H * W, 1, torch.stack(counts, dim=1), tuple(positions),
-                                       cost=config.cost.at(height, width)))
+        shape = (H, W)
+
+        def reduce(layer, tokens, num_prefix, value, num_patches, config):
+            k = budget(value, tokens, num_patches, num_prefix)
+            return cvt_block(layer, tokens, shape, (k, get_sampler(config.sampler)))
+
+        config = config_of(self)
+        tokens, stats = run_blocks(stage.layers, x, 1, config, reduce=reduce,
+                                   dense=lambda layer, tokens: cvt_block(layer, tokens, shape),
+                                   cost=config.cost.at(height, width))
+        setattr(self, LAST, stats)
         padded = tokens.padded()
         cls = padded[:, :1]
-        hidden = grid_of_tokens(padded[:, 1:], tokens.positions, (H, W))
+        hidden = grid_of_tokens(padded[:, 1:], tokens.positions, shape)
         if not return_dict:
             return hidden, cls
         return BaseModelOutputWithCLSToken(last_hidden_state=hidden, cls_token_value=cls)

@@ -14,8 +14,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..flops import ViTCost
-from .common import (LAST, REDUCERS, ATSConfig, check_blocks, check_num_tokens, check_options,
-                     check_unpatched, config_of, install, patched_class, run_blocks)
+from .common import LAST, check_unpatched, checked_config, config_of, install, patched_class, run_blocks
 
 _VALID = "_ats_valid"
 _SIZE = "_ats_size"
@@ -56,11 +55,8 @@ def apply(model: nn.Module, blocks, num_tokens, sampler: str, mode: str, scorer:
     """:func:`ats_vit.apply` for a timm ``VisionTransformer`` (any subclass built on its standard
     blocks)."""
     _check_model(model)
-    block_ids = check_blocks(blocks, *placement(model))
-    budgets = check_num_tokens(num_tokens, len(block_ids))
-    check_options(sampler, scorer, mode, reducer, tuple(REDUCERS))
-    config = ATSConfig(block_ids, budgets, sampler, mode, ViTCost.of(model), scorer, reducer)
-    install(model, model, patched_class(type(model), _ATSVisionTransformer), config)
+    config = checked_config(placement(model), blocks, num_tokens, sampler, mode, scorer, reducer)
+    install(model, model, patched_class(type(model), _ATSVisionTransformer), config, ViTCost.of(model))
     setattr(model, _VALID, None)
     setattr(model, _SIZE, None)
     return model
