@@ -206,10 +206,7 @@ class CvtCostAt:
         total = self.model.head
         for stage, grid in zip(self.model.stages, grids):
             total += grid[0] * grid[1] * stage.embedding.per_position
-        for stage, grid in zip(self.model.stages[:-1], grids):
-            n = grid[0] * grid[1] + int(stage.cls_token)
-            total += sum(layer.macs(grid, n, n, stage.cls_token) for layer in stage.layers)
-        return total
+        return total + sum(_dense_layers(stage, grid) for stage, grid in zip(self.model.stages[:-1], grids))
 
     def macs(self, num_patches: int, tokens: Tensor, reduced: Sequence[int] = (), kind: str = "ats",
              num_prefix_tokens: int = 1, scoring_rows: str = "prefix") -> Tensor:
@@ -222,6 +219,10 @@ class CvtCostAt:
         return total
 
     def dense_macs(self, num_patches: int, num_prefix_tokens: int) -> int:
-        stage, grid = self.model.stages[-1], self._grids()[-1]
-        n = grid[0] * grid[1] + int(stage.cls_token)
-        return self._fixed() + sum(layer.macs(grid, n, n, stage.cls_token) for layer in stage.layers)
+        return self._fixed() + _dense_layers(self.model.stages[-1], self._grids()[-1])
+
+
+def _dense_layers(stage: CvtStageCost, grid: tuple[int, int]) -> int:
+    """MACs of a CvT stage's layers on its full (H, W) token grid."""
+    n = grid[0] * grid[1] + int(stage.cls_token)
+    return sum(layer.macs(grid, n, n, stage.cls_token) for layer in stage.layers)
