@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import UserError
 from .evaluate import DENSE, Method, budget_for, configured_copies, dense_gmacs
-from .patch import last_stats
+from .patch import default_blocks, last_stats
 from .report import format_table
 from .block import SELECT_RANGE
 from .flops import ViTCost
@@ -69,7 +69,7 @@ def _case(name: str, options: BenchOptions, device: torch.device):
         torch.manual_seed(options.seed)
         model = CvtForImageClassification(CvtConfig()).eval().to(device)
         pool = torch.randn(max(options.batch_sizes), 3, 224, 224, device=device)
-        ats = Method("ATS s3 1-9", "ATS", tuple(range(1, 10)))
+        ats = Method("ATS s3 1-9", "ATS", default_blocks(model))
         ats, _ = budget_for(model, ats, pool, (1 - CVT_REDUCTION) * dense_gmacs(model, pool),
                             max(options.batch_sizes), f"ATS s3 1-9 -{CVT_REDUCTION:.1%}")
         return model, pool, ats
