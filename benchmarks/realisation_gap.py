@@ -15,12 +15,12 @@ import timm
 import torch
 
 import ats_vit
-from ats_vit.bench import TokenCountBound
-from ats_vit.evaluate import Method, budget_for, dense_gmacs
-from ats_vit.loading import first_images, load_dataset, load_model
-from ats_vit.report import format_table
-from ats_vit.sampling import inverse_transform_sampling
-from ats_vit.timing import compare_throughput
+from ats_vit.jobs.bench import TokenCountBound
+from ats_vit.jobs.evaluation import Method, budget_for, image_gmacs
+from ats_vit.jobs.loading import first_images, load_dataset, load_model
+from ats_vit.jobs.report import format_table
+from ats_vit.core.sampling import inverse_transform_sampling
+from ats_vit.jobs.timing import compare_throughput
 
 BLOCKS = list(range(3, 12))
 
@@ -33,7 +33,7 @@ def case_models(name: str):
         return model, first_images(load_dataset("fashion-mnist", model), 64), None
     model = timm.create_model("deit_small_patch16_224").eval()
     pool = torch.randn(64, 3, 224, 224)
-    ats, _ = budget_for(model, Method("ats", "ats", tuple(BLOCKS)), pool, 0.625 * dense_gmacs(model, pool), 64, "ats")
+    ats, _ = budget_for(model, Method("ats", "ats", tuple(BLOCKS)), pool, 0.625 * image_gmacs(model, pool), 64, "ats")
     return model, pool[:1], ats.num_tokens
 
 
@@ -63,7 +63,7 @@ def run_case(name: str, repeats: int) -> list:
     with torch.no_grad():
         for label, net in nets.items():
             net(batch)
-            gmacs[label] = (dense_gmacs(model, batch) if net is model else bound.gmacs() if net is bound
+            gmacs[label] = (image_gmacs(model, batch) if net is model else bound.gmacs() if net is bound
                             else float(ats_vit.last_stats(net).gmacs.mean()))
         speeds = compare_throughput(list(nets.values()), batch, warmup=3, repeats=repeats)
     rows = []

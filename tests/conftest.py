@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ats_vit.cli import main
+from ats_vit.jobs.cli import main
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import ats_vit
-from ats_vit.bench import BOUND_LABEL, TokenCountBound
-from ats_vit.timing import interleaved_times, peak_forward_bytes, range_share
+from ats_vit.jobs.bench import BOUND_LABEL, TokenCountBound
+from ats_vit.jobs.timing import interleaved_times, peak_forward_bytes, range_share
 from conftest import one_error_line, run
 from reference import make_vit
 

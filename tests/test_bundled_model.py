@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import ats_vit
-from ats_vit.data import fashion_mnist
-from ats_vit.loading import eval_transform
+from ats_vit.jobs.data import fashion_mnist
+from ats_vit.jobs.loading import eval_transform
 from ats_vit.zoo import FMNIST_MODEL, FMNIST_WEIGHTS
 
 

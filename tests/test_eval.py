@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ats_vit.evaluate import match_gmacs
+from ats_vit.jobs.evaluation import match_gmacs
 from conftest import one_error_line, run
 
 

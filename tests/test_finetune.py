@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ats_vit.finetune_job as finetune_job
-from ats_vit.distributed import Dist, shard
-from ats_vit.errors import UserError
-from ats_vit.finetune_job import FinetuneOptions, run_finetune
+import ats_vit.jobs.finetune as finetune_job
+from ats_vit.jobs.distributed import Dist, shard
+from ats_vit.jobs.errors import UserError
+from ats_vit.jobs.finetune import FinetuneOptions, run_finetune
 from conftest import one_error_line, run
 
 SMALL = FinetuneOptions(num_tokens=0.5, epochs=2, batch_size=64, limit=192, workers=0, lr=1e-3)
@@ -23,10 +23,10 @@ def _log(out):
 
 
 def _torchrun(args, tmp_path):
-    """Run ``python -m ats_vit.cli ARGS`` as 2 gloo processes; returns the completed process."""
+    """Run ``python -m ats_vit ARGS`` as 2 gloo processes; returns the completed process."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "ats_vit.cli", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           "-m", "ats_vit", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=300)
 
 
@@ -104,7 +104,7 @@ def test_two_process_eval_equals_one_process(tmp_path):
     args = ["eval", "--limit", "64", "--batch-size", "16", "--num-tokens", "0.5", "--workers", "0",
             "--calib-images", "16", "--timing-repeats", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    alone = subprocess.run([sys.executable, "-m", "ats_vit.cli", *args, "--out", str(tmp_path / "one")],
+    alone = subprocess.run([sys.executable, "-m", "ats_vit", *args, "--out", str(tmp_path / "one")],
                            capture_output=True, text=True, env=env, timeout=300)
     assert alone.returncode == 0, alone.stderr
     two = _torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)

@@ -8,7 +8,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats_vit
-from ats_vit import ViTCost
 from reference import make_vit
 
 
@@ -32,12 +31,12 @@ def counted_macs(model: nn.Module, x: torch.Tensor) -> int:
 def test_dense_formula_matches_torch_flop_counter(name, kwargs, size):
     model = timm.create_model(name, **kwargs).eval()
     n = (size // 16) ** 2
-    assert ViTCost.of(model).dense_macs(n, model.num_prefix_tokens) == counted_macs(model, torch.randn(1, 3, size, size))
+    assert ats_vit.cost_model(model).dense_macs(n, model.num_prefix_tokens) == counted_macs(model, torch.randn(1, 3, size, size))
 
 
 def test_dense_deit_small_is_4_6_gmacs():
     model = timm.create_model("deit_small_patch16_224").eval()
-    assert round(ViTCost.of(model).dense_macs(196, 1) / 1e9, 1) == 4.6
+    assert round(ats_vit.cost_model(model).dense_macs(196, 1) / 1e9, 1) == 4.6
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -58,7 +57,7 @@ def test_per_image_gmacs_equal_what_torch_counts_on_that_image(fused, sampler):
         assert stats.gmacs[0].item() * 1e9 == pytest.approx(macs, abs=0.5)
         assert stats.gmacs[0].item() == pytest.approx(batch_stats.gmacs[b].item(), rel=1e-12)
         assert stats.gmacs[0] < stats.dense_gmacs
-    assert batch_stats.dense_gmacs * 1e9 == ViTCost.of(model).dense_macs(36, 1)
+    assert batch_stats.dense_gmacs * 1e9 == ats_vit.cost_model(model).dense_macs(36, 1)
     assert torch.allclose(batch_stats.reduction, 1 - batch_stats.gmacs / batch_stats.dense_gmacs)
 
 
@@ -157,11 +156,11 @@ def test_forward_with_attn_mask_or_intermediates_is_refused():
 def test_registered_sampler_is_used_by_name():
     calls = []
 
-    def every_other(scores, num_samples):
+    def every_other(scores, k):
         calls.append(scores.shape)
         keep = torch.zeros_like(scores, dtype=torch.bool)
         keep[:, ::2] = True
-        return ats_vit.sampling.keep_mask_to_index(keep)
+        return ats_vit.core.sampling.keep_mask_to_index(keep)
 
     ats_vit.register_sampler("every_other_test", every_other)
     assert "every_other_test" in ats_vit.list_samplers()

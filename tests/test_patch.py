@@ -86,12 +86,12 @@ def test_remove_restores_exact_outputs_and_state_dict_is_untouched():
 def attention_group(request, monkeypatch):
     """Images per packed attention call: 2 splits a batch of 6 into groups of their own lengths
     (grouping forced, whatever it saves)."""
-    import ats_vit.block as block
+    import ats_vit.core.block as block
     calls = []
-    sdpa = block._sdpa
+    sdpa = block.sdpa
     monkeypatch.setattr(block, "ATTENTION_GROUP", request.param)
     monkeypatch.setattr(block, "GROUPING_MIN_SAVING", -1.0)
-    monkeypatch.setattr(block, "_sdpa", lambda *a: calls.append(a[1].shape) or sdpa(*a))
+    monkeypatch.setattr(block, "sdpa", lambda *a: calls.append(a[0].shape) or sdpa(*a))
     return request.param, calls
 
 

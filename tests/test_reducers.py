@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats_vit
-from ats_vit.scoring import all_queries_attention, class_attention, class_attention_value_norm
+from ats_vit.core.scoring import all_queries_attention, class_attention, class_attention_value_norm
 from reference import make_vit, reference_rival_forward
 
 

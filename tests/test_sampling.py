@@ -94,7 +94,7 @@ def test_non_finite_scores_are_never_kept_or_out_of_range(sampler):
 @pytest.mark.parametrize("sampler", [inverse_transform_sampling, topk_sampling])
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True, torch.tensor([2, 0]), torch.tensor([1.0, 2.0]), torch.tensor([3])])
 def test_bad_num_samples(sampler, bad):
-    with pytest.raises(ValueError, match="num_samples"):
+    with pytest.raises(ValueError, match="^k "):
         sampler(torch.rand(2, 5), bad)
 
 

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import ats_vit
-from ats_vit.loading import eval_transform, read_image
-from ats_vit.viz import DROPPED_FILL, kept_patch_masks, plot_token_histogram, render_token_maps
+from ats_vit.jobs.loading import eval_transform, read_image
+from ats_vit.jobs.figures import DROPPED_FILL, kept_patch_masks, plot_token_histogram, render_token_maps
 from conftest import one_error_line, run
 
 
@@ -66,7 +66,7 @@ def test_viz_command_on_image_files(tiny_checkpoint, image_folder, tmp_path, cap
     for i, f in enumerate(files):
         png = np.asarray(Image.open(tmp_path / f"{Path(f).stem}_tokens.png").convert("RGB"))
         assert png.shape == (2 * (224 + 14 + 6) + 6, 5 * (224 + 6) + 6, 3)
-        grey = ats_vit.viz.to_display(batch[i], (0.2860,), (0.3530,))
+        grey = ats_vit.jobs.figures.to_display(batch[i], (0.2860,), (0.3530,))
         for panel, kept in enumerate([np.ones(196, bool)] + kept_patch_masks(stats, i)):
             left = 6 + (panel % 5) * 230
             top = 6 + (panel // 5) * 244 + 14

@@ -1,9 +1,9 @@
-"""Model-only throughput of dense against ATS (packed and padded), and how much of the ideal
-speed-up (dense GMACs over ATS GMACs) turns into wall-clock time: the realisation ratio."""
+"""The ``ats-vit bench`` command: model-only throughput of dense against ATS (packed and padded),
+and how much of the ideal speed-up (dense GMACs over ATS GMACs) turns into wall-clock time: the
+realisation ratio."""
 from __future__ import annotations
 
-import json
-import platform
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,12 +13,12 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..core.block import SELECT_RANGE
+from ..hosts import cost_model, default_blocks, last_stats
 from .errors import UserError
-from .evaluate import DENSE, Method, budget_for, configured_copies, dense_gmacs
-from .patch import default_blocks, last_stats
-from .report import format_table
-from .block import SELECT_RANGE
-from .flops import ViTCost
+from .evaluation import DENSE, Method, budget_for, configured_copies, image_gmacs
+from .options import DEFAULT_DEVICE, DEVICE, OUT, Option, at_least, check_options, comma_list, one_of
+from .report import format_table, machine, write_json
 from .timing import compare_throughput, peak_forward_bytes, range_share
 
 BOUND_LABEL = "bound: dense blocks at ATS's counts"
@@ -29,18 +29,31 @@ CVT_REDUCTION = 1 - 3.2 / 4.5  # the paper's CvT-13 budget: 4.5 -> 3.2 GFLOPs
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
+CASE = Option("--case", comma_list(str), "deit_s (DeiT-S shape at 224, random weights), bundled (Fashion-MNIST "
+              "ViT, real images), cvt13 (transformers CvT-13 at 224, random weights, ATS at the paper's -29%%; "
+              "needs ats-vit[hf])", check=one_of(lambda: list(CASES)))
+BATCH_SIZES = Option("--batch-sizes", comma_list(int), check=at_least(1))
+DTYPE_NAMES = Option("--dtypes", comma_list(str), check=one_of(lambda: list(DTYPES)))
+COMPILE = Option("--compile", help="time torch.compile'd models", switch=True)
+WARMUP = Option("--warmup", int, check=at_least(1))
+REPEATS = Option("--repeats", int, "timed rounds (>= 10 for a median worth reporting)", check=at_least(10))
+REDUCTION = Option("--reduction", float, "GMACs reduction of the deit_s ATS budget",
+                   check=lambda v: None if 0 < v < 1 else "must be a GMACs reduction in (0, 1)")
+
+
 @dataclass
 class BenchOptions:
-    cases: Sequence[str] = DEFAULT_CASES
-    batch_sizes: Sequence[int] = (1, 8, 64)
-    dtypes: Sequence[str] = ("float32", "bfloat16")
-    compile: bool = False
-    warmup: int = 3
-    repeats: int = 10
-    reduction: float = 0.375  # deit_s budget: the GMACs reduction its ATS rows are tuned to
-    device: str = "cpu"
-    out: str = "runs/bench"
+    cases: List[str] = CASE(list(DEFAULT_CASES))
+    batch_sizes: List[int] = BATCH_SIZES([1, 8, 64])
+    dtypes: List[str] = DTYPE_NAMES(["float32", "bfloat16"])
+    compile: bool = COMPILE(False)
+    warmup: int = WARMUP(3)
+    repeats: int = REPEATS(10)
+    reduction: float = REDUCTION(0.375)
+    device: str = DEVICE(DEFAULT_DEVICE)
+    out: str = OUT("runs/bench")
     seed: int = 0
+    command: str = ""
 
 
 def _case(name: str, options: BenchOptions, device: torch.device):
@@ -52,7 +65,7 @@ def _case(name: str, options: BenchOptions, device: torch.device):
         model = timm.create_model("deit_small_patch16_224").eval().to(device)
         pool = torch.randn(max(options.batch_sizes), 3, 224, 224, device=device)
         ats = Method("ATS 3-11", "ATS", tuple(range(3, 12)))
-        ats, _ = budget_for(model, ats, pool, (1 - options.reduction) * dense_gmacs(model, pool),
+        ats, _ = budget_for(model, ats, pool, (1 - options.reduction) * image_gmacs(model, pool),
                             max(options.batch_sizes), f"ATS 3-11 -{options.reduction:.1%}")
         return model, pool, ats
     if name == "bundled":
@@ -70,10 +83,10 @@ def _case(name: str, options: BenchOptions, device: torch.device):
         model = CvtForImageClassification(CvtConfig()).eval().to(device)
         pool = torch.randn(max(options.batch_sizes), 3, 224, 224, device=device)
         ats = Method("ATS s3 1-9", "ATS", default_blocks(model))
-        ats, _ = budget_for(model, ats, pool, (1 - CVT_REDUCTION) * dense_gmacs(model, pool),
+        ats, _ = budget_for(model, ats, pool, (1 - CVT_REDUCTION) * image_gmacs(model, pool),
                             max(options.batch_sizes), f"ATS s3 1-9 -{CVT_REDUCTION:.1%}")
         return model, pool, ats
-    raise UserError(f"--case must be among {list(CASES)}, got {name!r}")
+    raise ValueError(f"unknown case {name!r}")
 
 
 def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, dtype: Optional[torch.dtype],
@@ -92,7 +105,7 @@ def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, d
         rows = []
         for method, net, (images_per_s, speedup) in zip(methods, models, speeds):
             if method.blocks is None:
-                gmacs, tokens, select = dense_gmacs(net, batch), [], 0.0
+                gmacs, tokens, select = image_gmacs(net, batch), [], 0.0
             else:
                 stats = last_stats(net)
                 gmacs = float(stats.gmacs.mean())
@@ -115,38 +128,45 @@ def _row(label: str, net, batch: torch.Tensor, images_per_s: float, speedup: flo
             "selection_share": select, "runs": options.repeats, "speedup": speedup}
 
 
+class _FirstTokens(nn.Module):
+    """A block run on the first ``count`` tokens of its input."""
+
+    def __init__(self, block: nn.Module, count: int):
+        super().__init__()
+        self.block, self.count = block, count
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x[:, :self.count])
+
+
 class TokenCountBound(nn.Module):
-    """The dense timm model with each block simply run on as many tokens as ATS kept there (the
-    batch's mean count, rounded, for every image; the first tokens, not the selected ones), with
-    no scoring, sampling, padding or packing: the speed-up this machine's kernels allow at ATS's
-    token counts, a bound for any implementation of the selection."""
+    """The dense timm model, run by timm's own forward, with each block simply run on as many
+    tokens as ATS kept there (the batch's mean count, rounded, for every image; the first tokens,
+    not the selected ones), with no scoring, sampling, padding or packing: the speed-up this
+    machine's kernels allow at ATS's token counts, a bound for any implementation of the selection."""
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor):
         super().__init__()
-        self.model = model
         self.counts = [int(c) for c in tokens.double().mean(0).round()]  # entering each block, then leaving the last
+        self.num_prefix = model.num_prefix_tokens
+        self.cost = cost_model(model)
+        # A copy of the model that shares its blocks (deepcopy's memo maps each to itself).
+        self.model = copy.deepcopy(model, memo={id(b): b for b in model.blocks})
+        self.model.blocks = nn.Sequential(*[_FirstTokens(b, c) for b, c in zip(model.blocks, self.counts[1:])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        x = m.norm_pre(m._pos_embed(m.patch_embed(x)))
-        for i, blk in enumerate(m.blocks):
-            x = blk(x[:, :self.counts[i + 1]])  # block i holds what ATS leaves after it
-        return m.forward_head(m.norm(x))
+        return self.model(x)
 
     def gmacs(self) -> float:
         """GMACs per image: each block dense at the count it holds."""
-        prefix = self.model.num_prefix_tokens
         per_block = torch.tensor([self.counts[1:] + self.counts[-1:]])
-        return float(ViTCost.of(self.model).macs(self.counts[0] - prefix, per_block, (), "dense", prefix)[0]) / 1e9
+        prefix = self.num_prefix
+        return float(self.cost.macs(self.counts[0] - prefix, per_block, (), "dense", prefix)[0]) / 1e9
 
 
 def run_bench(options: BenchOptions) -> List[Dict]:
     """Measure every case, batch size, dtype and method; print a table and write JSON."""
-    if options.repeats < 10 or options.warmup < 1:
-        raise UserError("--repeats must be >= 10 and --warmup >= 1 for a median worth reporting")
-    for dtype in options.dtypes:
-        if dtype not in DTYPES:
-            raise UserError(f"--dtypes must be among {list(DTYPES)}, got {dtype!r}")
+    check_options(options)
     device = torch.device(options.device)
     rows = []
     for case in options.cases:
@@ -173,14 +193,15 @@ def _report(rows: List[Dict], options: BenchOptions) -> None:
              "select %": f"{100 * r['selection_share']:.1f}" if r["tokens_per_ats_block"] else "-"} for r in rows]
     print()
     print(format_table(show, list(show[0])))
-    machine = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "device": options.device, "torch": torch.__version__, "compile": options.compile,
-               "warmup": options.warmup, "repeats": options.repeats}
-    if options.device.startswith("cuda"):
-        machine["gpu"] = torch.cuda.get_device_name()
+    setting = {**machine(options.device), "compile": options.compile, "warmup": options.warmup,
+               "repeats": options.repeats}
     print(f"\nmodel only; methods timed in turn, {options.repeats} rounds after {options.warmup} warm-up rounds; "
-          f"img/s from each method's median time, speed-up the median of the rounds' paired ratios; {machine}")
+          f"img/s from each method's median time, speed-up the median of the rounds' paired ratios; {setting}")
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    write_json(out / "bench.json", {"machine": setting, "rows": rows})
     print(f"wrote {out / 'bench.json'}")
+
+
+COMMAND = dict(name="bench", options=BenchOptions, run=run_bench,
+               help="model-only throughput: dense vs ATS packed vs ATS padded, realisation ratio")

@@ -1,30 +1,36 @@
-"""The ``ats-vit viz`` job: per-image token maps of what each ATS block kept."""
+"""The ``ats-vit viz`` command: per-image token maps of what each ATS block kept."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 from timm.data import resolve_data_config
 
+from ..hosts import last_stats
 from .data import FASHION_MNIST_CLASSES, fashion_mnist
 from .errors import UserError
+from .evaluation import Method, apply_method
+from .figures import kept_patch_masks, render_token_maps, to_display
 from .loading import eval_transform, load_model, read_image
-from .patch import apply, last_stats
-from .viz import kept_patch_masks, render_token_maps, to_display
+from .options import BLOCKS, CHECKPOINT, MODEL, NUM_TOKENS, OUT, SAMPLER, Option, at_least, check_options
+
+IMAGES = Option("images", nargs="*", help="image files (PNG, JPEG, any size and mode)")
+FASHION_MNIST = Option("--fashion-mnist", int, "also draw the first N test images", check=at_least(0), metavar="N")
 
 
 @dataclass
 class VizOptions:
-    images: Sequence[str] = field(default_factory=list)
-    fashion_mnist: int = 0
-    model: Optional[str] = None
-    checkpoint: Optional[str] = None
-    blocks: Optional[Sequence[int]] = None
-    num_tokens: object = None
-    sampler: str = "inverse_transform"
-    out: str = "runs/viz"
+    images: Sequence[str] = IMAGES([])
+    fashion_mnist: int = FASHION_MNIST(0)
+    model: Optional[str] = MODEL()
+    checkpoint: Optional[str] = CHECKPOINT()
+    blocks: Optional[Sequence[int]] = BLOCKS()
+    num_tokens: object = NUM_TOKENS()
+    sampler: str = SAMPLER("inverse_transform")
+    out: str = OUT("runs/viz")
+    command: str = ""
 
 
 def _class_names(num_classes: int, fashion: bool) -> Optional[List[str]]:
@@ -37,8 +43,18 @@ def _class_names(num_classes: int, fashion: bool) -> Optional[List[str]]:
     return None
 
 
+def _unique(name: str, taken: List[str]) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... when inputs share a file name."""
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 def run_viz(options: VizOptions) -> List[Path]:
     """Write one PNG per image: the input and one panel per ATS block; returns their paths."""
+    check_options(options)
     if not options.images and options.fashion_mnist < 1:
         raise UserError("give image files, or --fashion-mnist N (N >= 1) for test images")
     model = load_model(options.model, options.checkpoint, "viz")
@@ -46,7 +62,7 @@ def run_viz(options: VizOptions) -> List[Path]:
     inputs, names, truths = [], [], []
     for path in options.images:
         inputs.append(transform(read_image(path)))
-        names.append(Path(path).stem)
+        names.append(_unique(Path(path).stem, names))
         truths.append(None)
     if options.fashion_mnist > 0:
         test = fashion_mnist(train=False, transform=transform)
@@ -55,10 +71,7 @@ def run_viz(options: VizOptions) -> List[Path]:
             inputs.append(image)
             names.append(f"fashion-mnist-{i}")
             truths.append(label)
-    try:
-        apply(model, blocks=options.blocks, num_tokens=options.num_tokens, sampler=options.sampler)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{e} (from --blocks/--num-tokens/--sampler)") from None
+    apply_method(model, Method("viz", "ATS", options.blocks, options.num_tokens, options.sampler))
     batch = torch.stack(inputs)
     with torch.no_grad():
         predictions = model(batch).argmax(-1).tolist()
@@ -78,3 +91,6 @@ def run_viz(options: VizOptions) -> List[Path]:
         written.append(figure.save(out / f"{name}_tokens.png"))
     print(f"wrote {len(written)} token maps to {out}")
     return written
+
+
+COMMAND = dict(name="viz", options=VizOptions, run=run_viz, help="draw, per image, the patches each ATS block kept")

@@ -1,38 +1,20 @@
-"""Pure tensor functions of the rival reducers: EViT's fusion and ToMe's bipartite soft matching.
+"""ToMe (Bolya et al., ICLR 2023), a rival reducer: bipartite soft matching merges ``r`` patch
+tokens per block, and later blocks attend proportionally to how many patches each token holds.
 
-Both act on a batch where every image holds the same token count: x (B, N, C) with P prefix
-tokens first, which are never dropped or merged.
+Acts on a batch where every image holds the same token count: x (B, N, C) with P prefix tokens
+first, which are never merged.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
-from .sampling import topk_sampling
-
-
-def evit_fuse(x: Tensor, cls_attn: Tensor, num_prefix: int, keep: int) -> Tuple[Tensor, Tensor]:
-    """EViT (Liang et al., ICLR 2022): keep the ``keep`` patch tokens the class token attends to
-    most and fuse the others into one token, their sum weighted by that attention (the paper's
-    x_fused = sum_i a_i x_i), appended last.
-
-    Args:
-        x: tokens after the attention residual (B, N, C).
-        cls_attn: the class token's attention to each patch token, averaged over heads (B, N - P).
-        keep: patch tokens kept, 1 <= keep < N - P.
-
-    Returns:
-        tokens (B, P + keep + 1, C) and the kept patch indices (B, keep), ascending.
-    """
-    P = num_prefix
-    index = topk_sampling(cls_attn, keep)
-    dropped = torch.ones_like(cls_attn, dtype=torch.bool).scatter(1, index, False)
-    weights = (cls_attn * dropped).to(x.dtype)
-    fused = weights[:, None, :] @ x[:, P:]  # (B, 1, C)
-    kept = x[:, P:].gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
-    return torch.cat([x[:, :P], kept, fused], dim=1), index
+from ..core.block import SELECT_RANGE, attend_every_token, mlp_tokens, uniform_shape
+from ..core.parts import BlockParts
+from ..core.tokens import Tokens
 
 
 def tome_merge(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -73,7 +55,19 @@ def tome_merge(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int)
     return out, out_size, source
 
 
-def size_bias(size: Optional[Tensor]) -> Optional[Tensor]:
-    """ToMe's proportional attention: log(size) added to the attention logits of each key
-    (B, 1, 1, N); None when no token was merged."""
-    return None if size is None else size.log()[:, None, None, :]
+def tome_block(block: BlockParts, tokens: Tokens, num_prefix: int, k: int) -> Tokens:
+    """The block as ToMe runs it: proportional attention over all tokens, then patch tokens merged
+    away down to ``k`` (:func:`tome_merge`, at most half of them per block; keys averaged over
+    heads as the similarity) before the MLP. The merged tokens carry their sizes, and log(size) as
+    the key bias of the blocks after (proportional attention)."""
+    B, N = uniform_shape(tokens, "ToMe")
+    P = num_prefix
+    y, _, keys = attend_every_token(block, tokens)
+    r = N - P - k
+    r = min(r, (N - P + 1) // 2) if N - P >= 2 else 0  # A's size; B must not be empty
+    if r <= 0:
+        return mlp_tokens(block, y, tokens, tokens.positions, tokens.size, tokens.key_bias)
+    size = tokens.size if tokens.size is not None else y.new_ones(B, N)
+    with record_function(SELECT_RANGE):
+        y, size, source = tome_merge(y, size, keys.mean(dim=1), P, r)
+    return mlp_tokens(block, y, tokens, tokens.positions.gather(1, source), size, size.log())

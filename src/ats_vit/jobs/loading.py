@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
-from .data import fashion_mnist
+from ..hosts import default_blocks, is_transformers_model
+from ..zoo import FMNIST_MODEL
+from .data import fashion_mnist, fashion_mnist_augment
 from .errors import UserError
-from .patch import default_blocks, is_transformers_model
-from .zoo import FMNIST_MODEL
 
 
 HF_PREFIX = "hf:"
@@ -164,8 +164,7 @@ def load_train_dataset(data: str, model: nn.Module, limit: Optional[int] = None,
     transform: timm's train crops are too strong for 28 px images), or ``data/train`` of an
     ImageNet-style folder with the model's timm train transform."""
     if data == "fashion-mnist":
-        augment = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(),
-                                      eval_transform(model)])
+        augment = transforms.Compose([*fashion_mnist_augment(), eval_transform(model)])
         dataset = fashion_mnist(train=True, root=root, transform=augment)
     else:
         folder = Path(data) / "train"

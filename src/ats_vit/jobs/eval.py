@@ -1,68 +1,78 @@
-"""The ``ats-vit eval`` job: evaluate a model's methods, print one table, write JSON, CSV and figures."""
+"""The ``ats-vit eval`` command: evaluate a model's methods, print one table, write JSON, CSV and
+figures. :mod:`.ablate` runs the same job on the ablation suite."""
 from __future__ import annotations
 
 import csv
-import json
-import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
+from ..hosts import default_blocks
 from .distributed import Dist, barrier, setup, shard
 from .errors import UserError
-from .evaluate import (DENSE, Method, Result, budget_for, check_target, configured, configured_copies,
-                       SUITES, dense_gmacs, evaluate_method)
-from .timing import compare_throughput
-from .patch import default_blocks
+from .evaluation import (DENSE, Method, Result, budget_for, check_method, check_target, configured_copies,
+                         default_suite, evaluate_method, image_gmacs)
+from .figures import plot_accuracy_vs_gmacs, plot_token_histogram
 from .loading import first_images, load_dataset, load_model, num_classes
-from .report import format_table
-from .viz import plot_accuracy_vs_gmacs, plot_token_histogram
+from .options import (BATCH_SIZE, BLOCKS, CHECKPOINT, DATA, DEFAULT_DEVICE, DEVICE, LIMIT, MODEL, NUM_TOKENS, OUT,
+                      SAMPLER, WORKERS, Option, at_least, check_options, comma_list, fractions)
+from .report import format_table, machine, write_json
+from .timing import compare_throughput
+
+HF_MODEL = ("timm model name, a local .safetensors with its metadata JSON beside it (default: the bundled "
+            "Fashion-MNIST ViT), or hf:FOLDER_OR_NAME for a transformers ViT/DeiT/CvT classifier (needs "
+            "ats-vit[hf]; evaluated with its own image processor)")
+REDUCTIONS = Option("--reductions", comma_list(float), "GMACs reductions of the matched budgets", check=fractions)
+CALIB_IMAGES = Option("--calib-images", int, "images used to find budgets", check=at_least(1))
+TIMING_REPEATS = Option("--timing-repeats", int, "timed rounds of every method", check=at_least(1))
+TARGET_GMACS = Option("--target-gmacs", float, "find K so the mean GMACs per image hit this", check=at_least(0))
 
 
 @dataclass
-class EvalOptions:
-    model: Optional[str] = None
-    checkpoint: Optional[str] = None
-    data: str = "fashion-mnist"
-    blocks: Optional[Sequence[int]] = None
-    num_tokens: object = None
-    sampler: Optional[str] = None
-    target_gmacs: Optional[float] = None
-    reductions: Sequence[float] = (0.4, 0.5, 0.6)
-    limit: Optional[int] = None
-    calib_images: int = 512
-    batch_size: int = 256
-    workers: int = 2
-    device: str = "cpu"
-    out: str = "runs/eval"
-    timing_repeats: int = 5
-    suite: str = "default"  # the comparison run without ATS options: "default" or "ablate"
+class CompareOptions:
+    """What ``eval`` and ``ablate`` share."""
+    model: Optional[str] = MODEL(help=HF_MODEL)
+    checkpoint: Optional[str] = CHECKPOINT()
+    data: str = DATA("fashion-mnist")
+    reductions: List[float] = REDUCTIONS([0.4, 0.5, 0.6])
+    limit: Optional[int] = LIMIT()
+    calib_images: int = CALIB_IMAGES(512)
+    batch_size: int = BATCH_SIZE(256)
+    workers: int = WORKERS(2)
+    device: str = DEVICE(DEFAULT_DEVICE)
+    timing_repeats: int = TIMING_REPEATS(5)
+    out: str = OUT("runs/eval")
     command: str = ""
+
+
+@dataclass
+class EvalOptions(CompareOptions):
+    blocks: Optional[Sequence[int]] = BLOCKS()
+    num_tokens: object = NUM_TOKENS()
+    sampler: Optional[str] = SAMPLER()
+    target_gmacs: Optional[float] = TARGET_GMACS()
 
     @property
     def custom(self) -> bool:
         return any(v is not None for v in (self.blocks, self.num_tokens, self.sampler, self.target_gmacs))
 
 
-def _methods(model, options: EvalOptions, calib: torch.Tensor, d: Dist) -> List[Method]:
+Suite = Callable[..., List[Method]]
+
+
+def _methods(model, options: EvalOptions, suite: Suite, calib: torch.Tensor, d: Dist) -> List[Method]:
     say = lambda s: print(f"[calibrating on {len(calib)} images] {s}", flush=True) if d.main else None
     if not options.custom:
-        return SUITES[options.suite](model, calib, options.batch_size, options.reductions, progress=say)
+        return suite(model, calib, options.batch_size, options.reductions, progress=say)
     blocks = tuple(options.blocks) if options.blocks is not None else default_blocks(model)
     sampler = options.sampler or "inverse_transform"
     label = f"{'ATS' if sampler == 'inverse_transform' else sampler} blocks {','.join(map(str, blocks))}"
     method = Method(label, label, blocks, options.num_tokens, sampler)
-    try:  # apply validates every ATS option and leaves the model untouched when one is bad
-        with configured(model, method):
-            pass
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{e} (from --blocks/--num-tokens/--sampler)") from None
+    check_method(model, method)
     if options.target_gmacs is not None:
-        if options.num_tokens is not None:
-            raise UserError("--num-tokens and --target-gmacs exclude each other: the target chooses the tokens")
         check_target(model, method, calib, options.target_gmacs, options.batch_size)
         say(f"finding K for {options.target_gmacs:g} GMACs")
         method, _ = budget_for(model, method, calib, options.target_gmacs, options.batch_size,
@@ -70,17 +80,18 @@ def _methods(model, options: EvalOptions, calib: torch.Tensor, d: Dist) -> List[
     return [DENSE, method]
 
 
-def run_eval(options: EvalOptions) -> List[Result]:
-    """Evaluate and report; returns one result per table row.
+def run_eval(options: CompareOptions, suite: Suite = default_suite) -> List[Result]:
+    """Evaluate and report; returns one result per table row. Without ATS options (``ablate``
+    has none) the methods are ``suite``'s.
 
     Under ``torchrun`` every rank calibrates on the same images (so finds the same budgets) and
     evaluates its shard of the data; results are gathered, and rank 0 times the model alone and
     writes the report."""
-    for name in ("batch_size", "calib_images", "timing_repeats"):
-        if getattr(options, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
-    if options.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {options.workers}")
+    check_options(options)
+    if not isinstance(options, EvalOptions):
+        options = EvalOptions(**vars(options))
+    if options.target_gmacs is not None and options.num_tokens is not None:
+        raise UserError("--num-tokens and --target-gmacs exclude each other: the target chooses the tokens")
     torch.manual_seed(0)  # the random-selection and random-score ablations draw from it
     with setup(options.device) as (d, device):
         model = load_model(options.model, options.checkpoint).to(device)
@@ -88,7 +99,7 @@ def run_eval(options: EvalOptions) -> List[Result]:
         classes = num_classes(dataset)
         loader = DataLoader(shard(dataset, d), batch_size=options.batch_size, num_workers=options.workers)
         calib = first_images(dataset, options.calib_images).to(device)
-        methods = _methods(model, options, calib, d)
+        methods = _methods(model, options, suite, calib, d)
 
         timing_batch = calib[:options.batch_size]
         results = []
@@ -135,7 +146,7 @@ def _report(model, options: EvalOptions, dataset, results: List[Result], timing_
             d: Dist) -> None:
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    dense = dense_gmacs(model, timing_batch)
+    dense = image_gmacs(model, timing_batch)
     rows = _rows(results, dense)
     show = [{
         "method": r["method"], "top-1": f"{r['top1']:.2f}",
@@ -154,10 +165,8 @@ def _report(model, options: EvalOptions, dataset, results: List[Result], timing_
 
     meta = {"model": options.model or "vit_fmnist_patch2_28 (bundled)", "checkpoint": options.checkpoint,
             "data": options.data, "images": len(dataset), "calibration_images": options.calib_images,
-            "dense_gmacs": dense, "device": options.device, "threads": torch.get_num_threads(), "processes": d.world,
-            "machine": platform.processor() or platform.machine(), "command": options.command,
-            "torch": torch.__version__}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+            "dense_gmacs": dense, **machine(options.device), "processes": d.world, "command": options.command}
+    write_json(out / "results.json", {"meta": meta, "rows": rows})
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -173,3 +182,11 @@ def _report(model, options: EvalOptions, dataset, results: List[Result], timing_
                              title=f"patch tokens kept per image: {ats.method.label}")
     print(f"wrote {out}/results.json, results.csv, accuracy_vs_gmacs.png"
           + (", tokens_per_block.png" if ats is not None else ""))
+
+
+COMMAND = dict(
+    name="eval", options=EvalOptions, run=run_eval,
+    help="accuracy, per-image GMACs and speed: dense vs ATS vs top-K",
+    description="Without ATS options: the full comparison (dense, ATS released and at lower budgets, top-K and "
+                "single-block ATS at matched GMACs). With --blocks/--num-tokens/--sampler/--target-gmacs: dense "
+                "and that configuration.")

@@ -1,82 +1,34 @@
-"""Pure tensor functions of Adaptive Token Sampling: token scores and token selection.
+"""Token selection: pure tensor functions, chosen by name through :data:`SAMPLERS`.
 
-Nothing here knows about model classes. Every selection function has the same contract
-(a ``Sampler``): ``scores`` (B, n) in, kept patch-token indices (B, K'max) out, sorted
-ascending and padded on the right with -1, where K'max is the largest count kept in the batch.
-A score that is zero, negative or not finite marks a token that is not eligible: it is never
-kept and takes no part in the selection of the others.
+Every sampler has the same contract (a ``Sampler``): ``scores`` (B, n) and ``k`` in, kept
+patch-token indices (B, K'max) out, sorted ascending and padded on the right with -1, where K'max
+is the largest count kept in the batch. A score that is zero, negative or not finite marks a
+token that is not eligible: it is never kept and takes no part in the selection of the others.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
-NumSamples = Union[int, Tensor]
-Sampler = Callable[[Tensor, NumSamples], Tensor]
+from .registry import Registry
+
+K = Union[int, Tensor]  # k: an int for every image, or a (B,) integer tensor, one per image
+Sampler = Callable[[Tensor, K], Tensor]
 
 
-def token_scores(
-        attn: Tensor,
-        v: Tensor,
-        num_prefix_tokens: int = 1,
-        token_mask: Optional[Tensor] = None,
-        value_norm: bool = True,
-) -> Tensor:
-    """Significance score of each patch token, normalised to sum 1 over each row's real tokens.
-
-    The score of patch token j is the class token's attention to j summed over heads, times the
-    norm of j's value vector with all heads concatenated (ATS, Fayyaz et al. 2022, eq. 4);
-    without ``value_norm``, the attention alone (the paper's ablation).
-
-    Args:
-        attn: softmaxed attention (B, H, Nq, N) whose query row 0 is the class token's;
-            usually Nq == N, but only row 0 is read.
-        v: values (B, H, N, d).
-        num_prefix_tokens: leading tokens (class, distillation, register) that get no score.
-        token_mask: bool, False marks padding; (B, N) over all tokens or (B, n) over patch tokens.
-
-    Returns:
-        scores (B, n), n = N - num_prefix_tokens, in float32 or wider (float64 inputs stay
-        float64); padding scores 0.
-    """
-    if attn.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attn and v must be 4-D (B, H, Nq, N) and (B, H, N, d), "
-                         f"got {tuple(attn.shape)} and {tuple(v.shape)}")
-    B, H, _, N = attn.shape
-    if v.shape[:3] != (B, H, N):
-        raise ValueError(f"v must be (B, H, N, d) = ({B}, {H}, {N}, d), got {tuple(v.shape)}")
-    if not 0 < num_prefix_tokens < N + 1 or num_prefix_tokens != int(num_prefix_tokens):
-        raise ValueError(f"num_prefix_tokens must be an int in [1, {N}], got {num_prefix_tokens}")
-    P = num_prefix_tokens
-    dtype = torch.promote_types(torch.promote_types(attn.dtype, v.dtype), torch.float32)
-    scores = attn[:, :, 0, P:].sum(dim=1, dtype=dtype)
-    if value_norm:
-        scores = scores * torch.linalg.vector_norm(v[:, :, P:], dim=(1, 3), dtype=dtype)  # over heads, head dims
-    if token_mask is not None:
-        if token_mask.shape == (B, N):
-            token_mask = token_mask[:, P:]
-        if token_mask.shape != scores.shape or token_mask.dtype != torch.bool:
-            raise ValueError(f"token_mask must be a bool tensor of shape ({B}, {N}) or "
-                             f"({B}, {N - P}), got {token_mask.dtype} {tuple(token_mask.shape)}")
-        scores = scores.masked_fill(~token_mask, 0.0)
-    total = scores.sum(dim=-1, keepdim=True)
-    return scores / total.clamp_min(torch.finfo(scores.dtype).tiny)
-
-
-def _num_samples_per_row(num_samples: NumSamples, batch: int, device: torch.device) -> Tensor:
-    """Validate ``num_samples`` and return it as a (B,) long tensor."""
-    if isinstance(num_samples, Tensor):
-        if num_samples.dim() != 1 or num_samples.shape[0] != batch or num_samples.is_floating_point():
-            raise ValueError(f"num_samples as a tensor must be integer with shape ({batch},), "
-                             f"got {num_samples.dtype} {tuple(num_samples.shape)}")
-        if batch and int(num_samples.min()) < 1:
-            raise ValueError("num_samples must be >= 1 for every row")
-        return num_samples.to(device=device, dtype=torch.long)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1 or a (B,) integer tensor, got {num_samples!r}")
-    return torch.full((batch,), num_samples, dtype=torch.long, device=device)
+def _k_per_row(k: K, batch: int, device: torch.device) -> Tensor:
+    """Validate ``k`` and return it as a (B,) long tensor."""
+    if isinstance(k, Tensor):
+        if k.dim() != 1 or k.shape[0] != batch or k.is_floating_point():
+            raise ValueError(f"k as a tensor must be integer with shape ({batch},), got {k.dtype} {tuple(k.shape)}")
+        if batch and int(k.min()) < 1:
+            raise ValueError("k must be >= 1 for every row")
+        return k.to(device=device, dtype=torch.long)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1 or a (B,) integer tensor, got {k!r}")
+    return torch.full((batch,), k, dtype=torch.long, device=device)
 
 
 def _check_scores(scores: Tensor) -> None:
@@ -99,7 +51,7 @@ def keep_mask_to_index(keep: Tensor) -> Tensor:
     return index[:, :kmax]
 
 
-def inverse_transform_sampling(scores: Tensor, num_samples: NumSamples) -> Tensor:
+def inverse_transform_sampling(scores: Tensor, k: K) -> Tensor:
     """Select tokens by inverse transform sampling on the scores' cumulative distribution.
 
     Per row, on the eligible (positive, finite) scores only: sort ascending (ties keep index
@@ -112,14 +64,14 @@ def inverse_transform_sampling(scores: Tensor, num_samples: NumSamples) -> Tenso
 
     Args:
         scores: (B, n) token scores (any positive scale; zero marks a token that is not eligible).
-        num_samples: K, an int >= 1 or a (B,) integer tensor with one K per row.
+        k: K, an int >= 1 or a (B,) integer tensor with one K per row.
 
     Returns:
         LongTensor (B, K'max) of kept indices, ascending, padded with -1.
     """
     _check_scores(scores)
     B, n = scores.shape
-    k = _num_samples_per_row(num_samples, B, scores.device)
+    k = _k_per_row(k, B, scores.device)
     if B == 0 or n == 0:
         return torch.empty(B, 0, dtype=torch.long, device=scores.device)
     s = scores.detach().to(torch.float64)
@@ -156,7 +108,7 @@ def inverse_transform_sampling(scores: Tensor, num_samples: NumSamples) -> Tenso
     return keep_mask_to_index(keep)
 
 
-def topk_sampling(scores: Tensor, num_samples: NumSamples) -> Tensor:
+def topk_sampling(scores: Tensor, k: K) -> Tensor:
     """Keep the K highest eligible scores of each row (ties: lower index first).
 
     The paper's ablation baseline; same input and output contract as
@@ -164,7 +116,7 @@ def topk_sampling(scores: Tensor, num_samples: NumSamples) -> Tensor:
     """
     _check_scores(scores)
     B, n = scores.shape
-    k = _num_samples_per_row(num_samples, B, scores.device)
+    k = _k_per_row(k, B, scores.device)
     s = scores.detach()
     eligible = _eligible(s)
     order = torch.where(eligible, s, float("-inf")).argsort(dim=1, descending=True, stable=True)
@@ -174,10 +126,34 @@ def topk_sampling(scores: Tensor, num_samples: NumSamples) -> Tensor:
     return keep_mask_to_index(keep)
 
 
-def random_sampling(scores: Tensor, num_samples: NumSamples) -> Tensor:
+def random_sampling(scores: Tensor, k: K) -> Tensor:
     """Keep K eligible tokens drawn uniformly at random from torch's generator, ignoring the
     scores' values: the no-information selection baseline; same contract as
     :func:`inverse_transform_sampling`."""
     eligible = _eligible(scores.detach())
     draw = torch.rand(scores.shape, dtype=torch.float64, device=scores.device)
-    return topk_sampling(torch.where(eligible, draw + 1.0, 0.0), num_samples)
+    return topk_sampling(torch.where(eligible, draw + 1.0, 0.0), k)
+
+
+SAMPLERS: Registry[Sampler] = Registry("sampler", {
+    "inverse_transform": inverse_transform_sampling,
+    "topk": topk_sampling,
+    "random": random_sampling,
+})
+
+
+def register_sampler(name: str, sampler: Sampler) -> None:
+    """Make ``sampler`` available to :func:`ats_vit.apply` as ``sampler=name``."""
+    if not callable(sampler):
+        raise TypeError(f"sampler must be callable (scores, k) -> index, got {type(sampler).__name__}")
+    SAMPLERS.add(name, sampler)
+
+
+def list_samplers() -> list[str]:
+    """Names accepted by ``sampler=``."""
+    return SAMPLERS.names()
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler registered as ``name``; a ValueError lists the allowed names otherwise."""
+    return SAMPLERS.get(name)

@@ -10,7 +10,7 @@ import torch
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from .zoo import FMNIST_MEAN, FMNIST_STD
+from ..zoo import FMNIST_MEAN, FMNIST_STD
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -37,9 +37,15 @@ def _stage_debian_copy(root: Path) -> bool:
     return True
 
 
+def fashion_mnist_augment() -> list:
+    """Fashion-MNIST's training augmentation: a 2-pixel random shift and a horizontal flip (timm's
+    train crops are too strong for 28 px images)."""
+    return [v2.RandomCrop(28, padding=2), v2.RandomHorizontalFlip()]
+
+
 def fashion_mnist_transform(train: bool) -> Callable:
-    """Tensor transform for Fashion-MNIST; training adds a 2-pixel random shift and a flip."""
-    augment = [v2.RandomCrop(28, padding=2), v2.RandomHorizontalFlip()] if train else []
+    """Tensor transform for Fashion-MNIST; training adds :func:`fashion_mnist_augment`."""
+    augment = fashion_mnist_augment() if train else []
     return v2.Compose([v2.PILToTensor(), *augment, v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(FMNIST_MEAN, FMNIST_STD)])
 

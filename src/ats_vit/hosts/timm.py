@@ -1,8 +1,9 @@
-"""Apply Adaptive Token Sampling to timm ``VisionTransformer`` models, and undo it.
+"""The timm host: ``VisionTransformer`` models (any subclass built on timm's standard blocks).
 
-The model's class is swapped for a subclass whose ``forward_features`` runs the blocks on a
-:class:`~ats_vit.block.Tokens` batch; parameters, buffers and state-dict keys are untouched,
-and :func:`remove` swaps the original class back.
+The model is its own patch target: its class is swapped for a subclass whose
+``forward_features`` runs the blocks, as :class:`~ats_vit.core.parts.BlockParts` records, on a
+:class:`~ats_vit.core.tokens.Tokens` batch; parameters, buffers and state-dict keys are
+untouched, and :func:`ats_vit.remove` swaps the original class back.
 """
 from __future__ import annotations
 
@@ -13,19 +14,23 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..flops import ViTCost
-from .common import LAST, check_unpatched, checked_config, config_of, install, patched_class, run_blocks
+from ..core.macs import BlockCost, ViTCost, linear_macs
+from ..core.parts import AttentionParts, BlockParts
+from .patch import Patch, PatchConfig, check_unpatched, checked_config, install, patch_of, run_blocks
 
-_VALID = "_ats_valid"
-_SIZE = "_ats_size"
 _POOLS = ("", "token", "avg", "max", "avgmax")
 
 
-def _check_model(model: nn.Module) -> None:
+def target(model: nn.Module) -> nn.Module:
+    """The module a patch swaps: the model itself."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"model must be a timm VisionTransformer (or a subclass) or a transformers ViT, DeiT "
                         f"or CvT model, got {type(model).__name__}")
-    check_unpatched(model)
+    return model
+
+
+def _check_model(model: nn.Module) -> None:
+    check_unpatched(target(model))
     if not model.has_class_token or getattr(model, "cls_token", None) is None:
         raise ValueError("model has no class token: ATS scores patch tokens by the class token's attention")
     if type(model).forward_features is not VisionTransformer.forward_features:
@@ -51,15 +56,42 @@ def placement(model: nn.Module) -> Tuple[int, Tuple[int, ...]]:
     return depth, tuple(range(min(3, depth), depth))
 
 
-def apply(model: nn.Module, blocks, num_tokens, sampler: str, mode: str, scorer: str, reducer: str) -> nn.Module:
-    """:func:`ats_vit.apply` for a timm ``VisionTransformer`` (any subclass built on its standard
-    blocks)."""
+def validate(model: nn.Module, blocks, num_tokens, sampler: str, mode: str, scorer: str,
+             reducer: str) -> PatchConfig:
+    """The config :func:`ats_vit.apply` would install; raises what it would raise."""
     _check_model(model)
-    config = checked_config(placement(model), blocks, num_tokens, sampler, mode, scorer, reducer)
-    install(model, model, patched_class(type(model), _ATSVisionTransformer), config, ViTCost.of(model))
-    setattr(model, _VALID, None)
-    setattr(model, _SIZE, None)
-    return model
+    return checked_config(placement(model), blocks, num_tokens, sampler, mode, scorer, reducer)
+
+
+def block_parts(block: Block) -> BlockParts:
+    """The record of a timm ``Block``'s parts."""
+    attn = block.attn
+    return BlockParts(
+        attn=AttentionParts(owner=attn, qkv=(attn.qkv,), num_heads=attn.num_heads, head_dim=attn.head_dim,
+                            scale=attn.scale, dropout=attn.attn_drop.p, proj=attn.proj, proj_drop=attn.proj_drop,
+                            q_norm=attn.q_norm, k_norm=attn.k_norm, norm=attn.norm, gate=getattr(attn, "gate", None),
+                            fused=attn.fused_attn),
+        norm1=block.norm1, norm2=block.norm2, mlp=block.mlp, ls1=block.ls1, ls2=block.ls2,
+        drop_path1=block.drop_path1, drop_path2=block.drop_path2)
+
+
+def cost_model(model: nn.Module) -> ViTCost:
+    """MACs per image of the model from the tokens each block saw (see :mod:`ats_vit.core.macs`)."""
+    head = linear_macs(model.head) + linear_macs(getattr(model, "head_dist", None))
+    return ViTCost(per_patch=model.patch_embed.proj.weight.numel(), head=head,
+                   blocks=[BlockCost.of(block_parts(b)) for b in model.blocks])
+
+
+def geometry(model: nn.Module, height: int, width: int) -> tuple[int, int, ViTCost]:
+    """(patch tokens, prefix tokens, cost model) of the model on a ``height`` x ``width`` input."""
+    embed = model.patch_embed
+    grid = embed.dynamic_feat_size((height, width)) if model.dynamic_img_size else embed.grid_size
+    return grid[0] * grid[1], model.num_prefix_tokens, cost_model(model)
+
+
+def install_patch(model: nn.Module, config: PatchConfig) -> None:
+    parts = tuple(block_parts(b) for b in model.blocks)
+    install(model, _ATSVisionTransformer, Patch(config, parts, cost_model(model), type(model)))
 
 
 class _ATSVisionTransformer:
@@ -70,16 +102,12 @@ class _ATSVisionTransformer:
             raise ValueError("attn_mask and is_causal are not supported while ATS is applied")
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
-        tokens, stats = run_blocks(self.blocks, x, self.num_prefix_tokens, config_of(self), ckpt)
-        setattr(self, _VALID, tokens.layout.valid)
-        setattr(self, _SIZE, tokens.size)
-        setattr(self, LAST, stats)
-        return self.norm(tokens.padded())
+        patch = patch_of(self)
+        return self.norm(run_blocks(patch.parts, x, self.num_prefix_tokens, patch, ckpt).padded())
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
-        valid, size = getattr(self, _VALID), getattr(self, _SIZE)
-        weight = size if size is not None else valid  # merged tokens weigh as many patches as they hold
+        weight = patch_of(self).pool_weight
         if weight is None or pool_type in ("", "token") or weight.shape != x.shape[:2]:
             return super().pool(x, pool_type)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens

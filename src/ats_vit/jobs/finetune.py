@@ -1,4 +1,4 @@
-"""The ``ats-vit finetune`` job: train a model with ATS in place, alone or under torchrun."""
+"""The ``ats-vit finetune`` command: train a model with ATS in place, alone or under torchrun."""
 from __future__ import annotations
 
 import json
@@ -6,34 +6,36 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import torch
-
 from .distributed import setup
 from .errors import UserError
+from .evaluation import Method, apply_method
 from .loading import load_dataset, load_model, load_train_dataset, num_classes
-from .patch import apply
-from .train import TrainConfig, check_run_folder, claim_run_folder, fit
+from .options import (BATCH_SIZE, BLOCKS, CHECKPOINT, DATA, DEFAULT_DEVICE, DEVICE, LIMIT, MODEL, NUM_TOKENS, OUT,
+                      RESUME, SAMPLER, SEED, WORKERS, check_options)
+from .report import machine, write_json
+from .training import AMP, EPOCHS, LR, WARMUP_EPOCHS, TrainConfig, check_run_folder, claim_run_folder, fit
 
 
 @dataclass
 class FinetuneOptions:
-    model: Optional[str] = None
-    checkpoint: Optional[str] = None
-    data: str = "fashion-mnist"
-    blocks: Optional[Sequence[int]] = None
-    num_tokens: object = None
-    sampler: str = "inverse_transform"
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 3e-4
-    warmup_epochs: float = 0.2
-    amp: str = "none"
-    limit: Optional[int] = None
-    workers: int = 2
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "runs/finetune"
-    resume: bool = False
+    model: Optional[str] = MODEL()
+    checkpoint: Optional[str] = CHECKPOINT()
+    data: str = DATA("fashion-mnist", help="'fashion-mnist' or a folder with train/ and val/ sub-folders of "
+                                           "class folders")
+    blocks: Optional[Sequence[int]] = BLOCKS()
+    num_tokens: object = NUM_TOKENS()
+    sampler: str = SAMPLER("inverse_transform")
+    epochs: int = EPOCHS(3)
+    batch_size: int = BATCH_SIZE(128, help="global batch, split over the processes")
+    lr: float = LR(3e-4)
+    warmup_epochs: float = WARMUP_EPOCHS(0.2)
+    amp: str = AMP("none")
+    limit: Optional[int] = LIMIT()
+    workers: int = WORKERS(2)
+    seed: int = SEED(0)
+    device: str = DEVICE(DEFAULT_DEVICE)
+    out: str = OUT("runs/finetune")
+    resume: bool = RESUME(False)
     command: str = ""
 
     def identity(self) -> Dict:
@@ -44,16 +46,12 @@ class FinetuneOptions:
 
 def run_finetune(options: FinetuneOptions) -> List[Dict]:
     """Fine-tune with ATS applied; returns the per-epoch log rows."""
-    if options.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {options.workers}")
+    check_options(options)
     out = Path(options.out)
     check_run_folder(out, options.identity(), options.resume)
     with setup(options.device) as (d, device):
         model = load_model(options.model, options.checkpoint, "finetune")
-        try:
-            apply(model, blocks=options.blocks, num_tokens=options.num_tokens, sampler=options.sampler)
-        except (ValueError, TypeError) as e:
-            raise UserError(f"{e} (from --blocks/--num-tokens/--sampler)") from None
+        apply_method(model, Method("finetune", "ATS", options.blocks, options.num_tokens, options.sampler))
         data = options.data
         train_set = load_train_dataset(data, model, options.limit)
         test_set = load_dataset(data if data == "fashion-mnist" else str(Path(data) / "val"), model, options.limit)
@@ -73,7 +71,15 @@ def run_finetune(options: FinetuneOptions) -> List[Dict]:
             meta = {"model": model.pretrained_cfg["architecture"],
                     "ats": {"blocks": options.blocks, "num_tokens": options.num_tokens, "sampler": options.sampler},
                     "epochs": options.epochs, "command": options.command, "processes": d.world,
-                    "torch": torch.__version__}
-            (out / "last.json").write_text(json.dumps(meta, indent=2) + "\n")
+                    **machine(options.device)}
+            write_json(out / "last.json", meta)
             print(f"wrote {out}/last.safetensors (+ last.json naming its timm model for `ats-vit eval --model`)")
     return history
+
+
+COMMAND = dict(
+    name="finetune", options=FinetuneOptions, run=run_finetune,
+    help="fine-tune a model with ATS in place (alone or under torchrun)",
+    description="Trains with ATS applied (selection deterministic, gradients through the kept tokens); evaluates "
+                "top-1 and mean GMACs after each epoch; checkpoints every epoch. Runs unchanged under torchrun "
+                "--nproc_per_node N.")

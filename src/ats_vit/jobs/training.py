@@ -25,10 +25,17 @@ from tqdm import tqdm
 
 from .distributed import Dist, barrier, shard
 from .errors import UserError
-from .evaluate import predict
+from .evaluation import predict
+from .options import Option, at_least, one_of
 
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS, STATE, LOG = "last.safetensors", "last_state.pt", "log.csv"
+
+# Options of the commands that train (``train``, ``finetune``).
+EPOCHS = Option("--epochs", int, check=at_least(1))
+LR = Option("--lr", float, "peak learning rate", check=lambda v: None if v > 0 else "must be > 0")
+WARMUP_EPOCHS = Option("--warmup-epochs", float, check=at_least(0))
+AMP = Option("--amp", help="none, bfloat16 or float16 (CUDA) autocast", check=one_of(lambda: list(AMP_DTYPES)))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Measure accuracy, per-image GMACs and speed of a model dense and under token-reduction methods."""
+"""The evaluation engine the jobs share: a method (dense or a reducer configuration) applied to a
+model, its accuracy and per-image GMACs over a data set, and budgets matched to a GMACs target."""
 from __future__ import annotations
 
 import time
@@ -13,10 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .errors import UserError
+from ..hosts import apply, default_blocks, dense_gmacs, is_patched, last_stats, num_patches, remove, validate
 from .distributed import Dist, gather
-from .patch import apply, default_blocks, is_patched, last_stats, remove
-from .stats import ATSStats
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,28 @@ class Method:
     def with_tokens(self, num_tokens, label: str) -> "Method":
         return replace(self, label=label, num_tokens=num_tokens)
 
+    def patch_arguments(self) -> dict:
+        """The method as :func:`ats_vit.apply`'s keyword arguments."""
+        return dict(blocks=self.blocks, num_tokens=self.num_tokens, sampler=self.sampler, mode=self.mode,
+                    scorer=self.scorer, reducer=self.reducer)
+
 
 DENSE = Method("dense", "dense")
 ITS_MAX_GRID = 4
+
+
+def check_method(model: nn.Module, method: Method) -> None:
+    """Refuse, as the user's error, a method ``model`` cannot run; the model is not touched."""
+    try:
+        validate(model, **method.patch_arguments())
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{e} (from --blocks/--num-tokens/--sampler)") from None
+
+
+def apply_method(model: nn.Module, method: Method) -> nn.Module:
+    """``model`` patched for ``method`` (the one path by which a job applies ATS)."""
+    check_method(model, method)
+    return apply(model, **method.patch_arguments())
 
 
 @contextmanager
@@ -47,8 +66,7 @@ def configured(model: nn.Module, method: Method) -> Iterator[nn.Module]:
     if method.blocks is None:
         yield model
         return
-    apply(model, blocks=method.blocks, num_tokens=method.num_tokens, sampler=method.sampler, mode=method.mode,
-          scorer=method.scorer, reducer=method.reducer)
+    apply_method(model, method)
     try:
         yield model
     finally:
@@ -72,18 +90,9 @@ class Result:
         return float(self.gmacs.mean())
 
 
-@torch.no_grad()
-def probe(model: nn.Module, images: torch.Tensor) -> ATSStats:
-    """Statistics of ``model`` patched with no ATS block on the first of ``images``: its patch
-    count and dense GMACs at that input size, for any supported host."""
-    with configured(model, Method("probe", "probe", blocks=())):
-        model(images[:1])
-        return last_stats(model)
-
-
-def dense_gmacs(model: nn.Module, images: torch.Tensor) -> float:
+def image_gmacs(model: nn.Module, images: torch.Tensor) -> float:
     """GMACs of one image through the unpatched ``model`` at the size of ``images``."""
-    return probe(model, images).dense_gmacs
+    return dense_gmacs(model, *images.shape[-2:])
 
 
 def logits_of(output) -> torch.Tensor:
@@ -95,7 +104,7 @@ def _forward_stats(model: nn.Module, images: torch.Tensor, dense: Optional[float
     """Logits, per-image GMACs and (ATS only) tokens kept per ATS block; ``dense``: the unpatched
     model's GMACs per image, if known."""
     if not is_patched(model):
-        dense = dense_gmacs(model, images) if dense is None else dense
+        dense = image_gmacs(model, images) if dense is None else dense
         return logits_of(model(images)), torch.full((len(images),), dense, dtype=torch.float64), None
     logits = logits_of(model(images))
     stats = last_stats(model)
@@ -115,7 +124,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, classes:
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not d.main):
         images = images.to(device)
         if dense is None and not is_patched(model):
-            dense = dense_gmacs(model, images)
+            dense = image_gmacs(model, images)
         logits, g, k = _forward_stats(model, images, dense)
         top = logits.topk(min(5, classes), dim=-1).indices.cpu()
         hit1.append(top[:, 0] == labels)
@@ -174,7 +183,7 @@ def budget_for(model: nn.Module, method: Method, images: torch.Tensor, target: f
     fewer distinct tokens than it has grid points, so it takes one K for every ATS block, from 1
     up to ``ITS_MAX_GRID`` times the patch count: the released K (the patch count) is inside that
     range, not its top."""
-    patches = probe(model, images).num_patches
+    patches = num_patches(model, *images.shape[-2:])
 
     def budget(knob: float):
         if method.reducer != "ats" or method.sampler != "inverse_transform":
@@ -188,7 +197,7 @@ def budget_for(model: nn.Module, method: Method, images: torch.Tensor, target: f
 
 def check_target(model: nn.Module, method: Method, images: torch.Tensor, target: float, batch_size: int) -> None:
     """A target must lie between one token per ATS block and dense."""
-    dense = dense_gmacs(model, images)
+    dense = image_gmacs(model, images)
     floor = mean_gmacs(model, method.with_tokens(1, "floor"), images, batch_size)
     if not floor <= target <= dense:
         raise UserError(f"--target-gmacs {target:g} is outside what this configuration can reach: "
@@ -208,7 +217,7 @@ def default_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
     multi = Method(f"ATS {span}", f"ATS blocks {span}", late)
     topk = Method("", f"top-K blocks {span}", late, sampler="topk")
     single = Method("", f"ATS block {late[0]}", late[:1])
-    dense = dense_gmacs(model, images)
+    dense = image_gmacs(model, images)
     released = multi.with_tokens(None, f"ATS {span} released (K=all)")
     ats_rows = [(released, mean_gmacs(model, released, images, batch_size))]
     for r in reductions:
@@ -223,53 +232,6 @@ def default_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
             methods.append(budget_for(model, single, images, target, batch_size,
                                       f"ATS {late[0]} only = {row.label}")[0])
     return methods
-
-
-def ablation_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
-                   reductions: Sequence[float] = (0.4, 0.5, 0.6),
-                   progress: Callable[[str], None] = lambda s: None) -> List[Method]:
-    """The paper's ablations and the rival reducers on ``model``, each at ``reductions`` of dense
-    GMACs (budgets found on ``images``): ATS in its default blocks (3..last) against top-K and
-    random selection, against the class attention without the value norm, the attention from all
-    queries and random scores, against ATS in the first of them alone; and EViT and ToMe in the
-    same blocks."""
-    late = default_blocks(model)
-    span = f"{late[0]}-{late[-1]}"
-    variants = [
-        Method("", f"ATS {span}", late),
-        Method("", f"top-K {span}", late, sampler="topk"),
-        Method("", f"random selection {span}", late, sampler="random"),
-        Method("", f"ATS {span}, no value norm", late, scorer="cls"),
-        Method("", f"ATS {span}, all-query attention", late, scorer="all_queries"),
-        Method("", f"ATS {span}, random scores", late, scorer="random"),
-        Method("", f"ATS block {late[0]}", late[:1]),
-        Method("", f"EViT {span}", late, reducer="evit"),
-        Method("", f"ToMe {span}", late, reducer="tome"),
-    ]
-    refused = {v.family: _refusal(model, v) for v in variants}
-    for family, reason in refused.items():
-        if reason:
-            progress(f"skipping {family}: {reason}")
-    variants = [v for v in variants if not refused[v.family]]
-    dense = dense_gmacs(model, images)
-    methods = [DENSE]
-    for r in reductions:
-        for v in variants:
-            progress(f"finding the budget of {v.family} for {r:.0%} fewer GMACs")
-            methods.append(budget_for(model, v, images, (1 - r) * dense, batch_size, f"{v.family} -{r:.0%}")[0])
-    return methods
-
-
-def _refusal(model: nn.Module, method: Method) -> Optional[str]:
-    """Why ``model`` cannot run ``method`` (apply's error), or None."""
-    try:
-        with configured(model, method):
-            return None
-    except (ValueError, TypeError) as e:
-        return str(e)
-
-
-SUITES = {"default": default_suite, "ablate": ablation_suite}
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""Compute of a Vision Transformer (timm ViT, transformers ViT/DeiT/CvT) in multiply-accumulates, counted per image from its tokens.
+"""MAC counting: the compute of a Vision Transformer in multiply-accumulates, per image, from the
+tokens it kept. Hosts build these cost models from their modules (see :mod:`ats_vit.hosts`).
 
 Counted the fvcore way, as the token-reduction literature does: every linear layer, the patch
 embedding convolution, and the two attention matmuls (q kᵀ and A v); norms, activations and
@@ -15,6 +16,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from .parts import BlockParts
 
 Count = Union[int, Tensor]
 
@@ -37,10 +40,11 @@ class BlockCost:
     attn_pair: int  # per (query, key) pair: q kᵀ plus A v
 
     @classmethod
-    def of(cls, block: nn.Module) -> "BlockCost":
+    def of(cls, block: BlockParts) -> "BlockCost":
         attn = block.attn
-        return cls(width=attn.qkv.in_features, head_dim=attn.head_dim, qkv=linear_macs(attn.qkv),
-                   proj=linear_macs(attn.proj) + linear_macs(getattr(attn, "gate", None)),
+        return cls(width=attn.qkv[0].in_features, head_dim=attn.head_dim,
+                   qkv=sum(linear_macs(p) for p in attn.qkv),
+                   proj=linear_macs(attn.proj) + linear_macs(attn.gate),
                    mlp=linear_macs(block.mlp), attn_pair=2 * attn.num_heads * attn.head_dim)
 
     def macs(self, n_in: Count, n_out: Count, kind: str = "dense", num_prefix: int = 0,
@@ -70,17 +74,10 @@ class BlockCost:
 
 @dataclass(frozen=True)
 class ViTCost:
-    """Per-image cost model of a timm ``VisionTransformer``."""
-    per_patch: int  # patch embedding, per patch
+    """Per-image cost model of a plain ViT (timm ``VisionTransformer``, transformers ViT/DeiT)."""
+    per_patch: int  # patch embedding, per patch: a convolution costs its weight's size per position
     head: int  # classifier head(s), per image
     blocks: List[BlockCost]
-
-    @classmethod
-    def of(cls, model: nn.Module) -> "ViTCost":
-        # A convolution costs its weight's size per output position (out * in/groups * kh * kw).
-        per_patch = model.patch_embed.proj.weight.numel()
-        head = linear_macs(model.head) + linear_macs(getattr(model, "head_dist", None))
-        return cls(per_patch=per_patch, head=head, blocks=[BlockCost.of(b) for b in model.blocks])
 
     def macs(self, num_patches: int, tokens: Tensor, reduced: Sequence[int] = (), kind: str = "ats",
              num_prefix_tokens: int = 1, scoring_rows: str = "prefix") -> Tensor:
@@ -133,17 +130,6 @@ class CvtLayerCost:
     proj: int  # per attention row: output projection
     mlp: int  # per token leaving
 
-    @classmethod
-    def of(cls, layer: nn.Module) -> "CvtLayerCost":
-        sa = layer.attention.attention
-        q_conv = sa.convolution_projection_query.convolution_projection.convolution
-        kv_conv = sa.convolution_projection_key.convolution_projection.convolution
-        return cls(width=sa.embed_dim, q_conv=ConvCost.of(q_conv), kv_conv=ConvCost.of(kv_conv),
-                   q_proj=linear_macs(sa.projection_query),
-                   kv_proj=linear_macs(sa.projection_key) + linear_macs(sa.projection_value),
-                   proj=linear_macs(layer.attention.output),
-                   mlp=linear_macs(layer.intermediate) + linear_macs(layer.output))
-
     def macs(self, grid: tuple[int, int], n_in: Count, n_out: Count, cls_token: bool, kind: str = "dense") -> Count:
         """MACs on an (H, W) token grid when ``n_in`` tokens enter and ``n_out`` leave (class token
         included). The convolutions run over the whole grid; an ATS layer projects the class query
@@ -174,13 +160,6 @@ class CvtCost:
     stages: List[CvtStageCost]
     head: int
 
-    @classmethod
-    def of(cls, encoder: nn.Module, head: int) -> "CvtCost":
-        stages = [CvtStageCost(ConvCost.of(s.embedding.convolution_embeddings.projection),
-                               hasattr(s, "cls_token"), [CvtLayerCost.of(layer) for layer in s.layers])
-                  for s in encoder.stages]
-        return cls(stages, head)
-
     def at(self, height: int, width: int) -> "CvtCostAt":
         return CvtCostAt(self, height, width)
 
@@ -193,7 +172,8 @@ class CvtCostAt:
     height: int
     width: int
 
-    def _grids(self) -> List[tuple[int, int]]:
+    def grids(self) -> List[tuple[int, int]]:
+        """The (H, W) token grid of each stage."""
         grids, size = [], (self.height, self.width)
         for stage in self.model.stages:
             size = stage.embedding.grid(*size)
@@ -202,7 +182,7 @@ class CvtCostAt:
 
     def _fixed(self) -> int:
         """MACs of every stage but the last, the last stage's embedding, and the head."""
-        grids = self._grids()
+        grids = self.grids()
         total = self.model.head
         for stage, grid in zip(self.model.stages, grids):
             total += grid[0] * grid[1] * stage.embedding.per_position
@@ -211,7 +191,7 @@ class CvtCostAt:
     def macs(self, num_patches: int, tokens: Tensor, reduced: Sequence[int] = (), kind: str = "ats",
              num_prefix_tokens: int = 1, scoring_rows: str = "prefix") -> Tensor:
         """MACs per image from the tokens (B, depth + 1) entering each last-stage layer."""
-        stage, grid = self.model.stages[-1], self._grids()[-1]
+        stage, grid = self.model.stages[-1], self.grids()[-1]
         total = torch.full(tokens.shape[:1], float(self._fixed()), dtype=torch.float64, device=tokens.device)
         t = tokens.to(torch.float64)
         for i, layer in enumerate(stage.layers):
@@ -219,7 +199,7 @@ class CvtCostAt:
         return total
 
     def dense_macs(self, num_patches: int, num_prefix_tokens: int) -> int:
-        return self._fixed() + _dense_layers(self.model.stages[-1], self._grids()[-1])
+        return self._fixed() + _dense_layers(self.model.stages[-1], self.grids()[-1])
 
 
 def _dense_layers(stage: CvtStageCost, grid: tuple[int, int]) -> int:

@@ -1,0 +1,168 @@
+"""Block kernels: one transformer block (a :class:`~ats_vit.core.parts.BlockParts` record) run on
+a :class:`~ats_vit.core.tokens.Tokens` batch, densely or with Adaptive Token Sampling inside its
+attention, plus the pieces the rival reducers' blocks share."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.profiler import record_function
+
+from .parts import AttentionParts, BlockParts
+from .sampling import K, Sampler
+from .scoring import ScoreFn, class_attention_value_norm
+from .tokens import Layout, Tokens, drop_path, select_rows
+
+# Profiler range around scoring and sampling, so benchmarks can time the selection step.
+SELECT_RANGE = "ats_vit.select"
+# Images per attention call when their token counts differ: packed attention sorts images by
+# key count and attends each group of this many at its own padded length, when that cuts the
+# padded attention work by more than GROUPING_MIN_SAVING (each call also gathers its rows).
+ATTENTION_GROUP = 16
+GROUPING_MIN_SAVING = 0.2
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, dropout_p: float = 0.0,
+         fused: bool = True) -> Tensor:
+    """Softmax attention (B, H, M, d) with a boolean or additive ``mask``; ``fused`` uses PyTorch's
+    scaled-dot-product kernel, else the explicit softmax (as timm's ``fused_attn=False``)."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits + mask if mask.is_floating_point() else logits.masked_fill(~mask, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return (F.dropout(probs, dropout_p) if dropout_p else probs) @ v
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, q_valid: Optional[Tensor], k_valid: Optional[Tensor], grouped: bool,
+           scale: float, dropout_p: float = 0.0, fused: bool = True) -> Tensor:
+    """Softmax attention of padded queries (B, H, M, d) over padded keys and values (B, H, N, d).
+
+    ``q_valid`` (B, M) and ``k_valid`` (B, N) mark real rows (None: all real); padding keys are
+    never attended and padding query rows are left arbitrary. ``grouped`` attends groups of
+    images with similar key counts at their own lengths instead of the whole batch at N.
+    """
+    mask = None if k_valid is None else k_valid[:, None, None, :]
+    B = q.shape[0]
+    if mask is None or not grouped or B <= ATTENTION_GROUP:
+        return sdpa(q, k, v, mask, scale, dropout_p, fused)
+    k_len = k_valid.sum(dim=1)
+    q_len = torch.full_like(k_len, q.shape[2]) if q_valid is None else q_valid.sum(dim=1)
+    order = k_len.argsort(descending=True)
+    groups = order.split(ATTENTION_GROUP)
+    sizes = [(int(q_len[ids].max()), int(k_len[ids].max())) for ids in groups]
+    work = sum(len(ids) * m * n for ids, (m, n) in zip(groups, sizes))
+    if work > (1 - GROUPING_MIN_SAVING) * B * q.shape[2] * k.shape[2]:
+        return sdpa(q, k, v, mask, scale, dropout_p, fused)
+    out = q.new_zeros(*q.shape[:3], v.shape[-1])
+    for ids, (m, n) in zip(groups, sizes):
+        out[ids, :, :m] = sdpa(q[ids, :, :m], k[ids, :, :n], v[ids, :, :n], mask[ids, ..., :n], scale, dropout_p,
+                               fused)
+    return out
+
+
+def qkv(attn: AttentionParts, h: Tensor, layout: Layout) -> tuple[Tensor, Tensor, Tensor]:
+    """Normed queries, keys and values (B, H, Nmax, hd) of the normed tokens ``h`` (T, C)."""
+    B, N = layout.shape
+    q, k, v = layout.pad(attn.project(h)).view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attention_residual(block: BlockParts, x: Tensor, h: Optional[Tensor], out: Tensor, layout: Layout) -> Tensor:
+    """From the attention output (T, D): output norm, gate (on the normed input ``h``, needed only
+    when the attention has a gate), projection and the residual onto ``x``."""
+    attn = block.attn
+    out = attn.norm(out)
+    if attn.gate is not None:
+        out = out * attn.gate(h).sigmoid()
+    out = attn.proj_drop(attn.proj(out))
+    return x + drop_path(block.drop_path1, block.ls1(out), layout)
+
+
+def mlp_residual(block: BlockParts, x: Tensor, layout: Layout) -> Tensor:
+    return x + drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), layout)
+
+
+def _key_mask(tokens: Tokens) -> Optional[Tensor]:
+    """The attention mask of a dense block: padding keys hidden, a reducer's key bias added."""
+    if tokens.key_bias is None:
+        return tokens.layout.key_mask()
+    bias = tokens.key_bias if tokens.layout.valid is None else \
+        tokens.key_bias.masked_fill(~tokens.layout.valid, float("-inf"))
+    return bias[:, None, None, :]
+
+
+def dense_block(block: BlockParts, tokens: Tokens) -> Tokens:
+    """The block on every token; padding keys are hidden from its attention."""
+    attn, layout = block.attn, tokens.layout
+    h = block.norm1(tokens.x)
+    q, k, v = qkv(attn, h, layout)
+    if layout.packed and layout.valid is not None and tokens.key_bias is None:
+        out = attend(q, k, v, layout.valid, layout.valid, True, attn.scale, attn.dropout_p, attn.fused)
+    else:
+        out = sdpa(q, k, v, _key_mask(tokens), attn.scale, attn.dropout_p, attn.fused)
+    out = layout.unpad(out.transpose(1, 2).flatten(2))
+    y = mlp_residual(block, attention_residual(block, tokens.x, h, out, layout), layout)
+    return Tokens(y, layout, tokens.positions, tokens.size, tokens.key_bias)
+
+
+def ats_block(block: BlockParts, tokens: Tokens, num_prefix: int, k: K, sampler: Sampler,
+              scorer: ScoreFn = class_attention_value_norm) -> Tokens:
+    """The block with Adaptive Token Sampling inside its attention.
+
+    Queries, keys and values are computed for every token entering the block in one projection
+    (faster than a separate query projection for the kept tokens). The prefix tokens' attention
+    rows give the scores, ``sampler`` picks up to ``k`` patch tokens to keep, and only the prefix
+    and kept tokens get attention rows (over all keys, not renormalised), projection, residual and
+    MLP. Selection is not differentiated; gradients flow through the kept rows and the values.
+    ``scorer`` (see :mod:`ats_vit.core.scoring`) replaces the ATS score for ablations.
+
+    Returns:
+        the kept tokens (same layout kind, compacted to the batch's largest count); their
+        ``positions`` say which original patches they are.
+    """
+    attn, layout = block.attn, tokens.layout
+    h = block.norm1(tokens.x)
+    q, keys, v = qkv(attn, h, layout)
+
+    with record_function(SELECT_RANGE):
+        index = sampler(scorer(q, keys, v, num_prefix, layout.valid, attn.scale), k)
+
+    kept, new_layout, flat_rows, positions = select_rows(tokens, index, num_prefix)
+    q = q.gather(2, kept[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    out = attend(q, keys, v, new_layout.valid, layout.valid, layout.packed, attn.scale, attn.dropout_p, attn.fused)
+    gate = torch.index_select(h, 0, flat_rows) if attn.gate is not None else None
+    out = new_layout.unpad(out.transpose(1, 2).flatten(2))
+    x = attention_residual(block, torch.index_select(tokens.x, 0, flat_rows), gate, out, new_layout)
+    return Tokens(mlp_residual(block, x, new_layout), new_layout, positions)
+
+
+def uniform_shape(tokens: Tokens, reducer: str) -> tuple[int, int]:
+    """(B, N) of a batch where every image holds the same count; a reducer that needs one says so."""
+    if tokens.layout.valid is not None:
+        raise ValueError(f"{reducer} blocks need every image to hold the same token count; "
+                         "they cannot follow blocks that keep a count per image")
+    return tokens.layout.shape
+
+
+def attend_every_token(block: BlockParts, tokens: Tokens) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention residual of every token (B, N, C) of a batch without padding (with its key
+    bias, if any); also the normed queries and keys (B, H, N, hd)."""
+    attn, (B, N) = block.attn, tokens.layout.shape
+    h = block.norm1(tokens.x)
+    q, k, v = qkv(attn, h, tokens.layout)
+    out = sdpa(q, k, v, _key_mask(tokens), attn.scale, attn.dropout_p, attn.fused).transpose(1, 2).flatten(2)
+    y = attention_residual(block, tokens.x, h, out.flatten(0, 1), tokens.layout)
+    return y.view(B, N, -1), q, k
+
+
+def mlp_tokens(block: BlockParts, y: Tensor, like: Tokens, positions: Tensor, size: Optional[Tensor] = None,
+               key_bias: Optional[Tensor] = None) -> Tokens:
+    """The MLP residual on reduced tokens ``y`` (B, N', C), every image the same count, in the
+    layout kind of ``like``."""
+    B, N = y.shape[:2]
+    layout = Layout.dense(B, N, y.device, like.layout.packed)
+    return Tokens(mlp_residual(block, y.flatten(0, 1), layout), layout, positions, size, key_bias)
