@@ -25,7 +25,10 @@ def build_parser() -> Parser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; a user's error is one line on stderr and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a parse error (printed as one line) or --help
+        return int(e.code or 0)
     command = COMMANDS[args.command]
     try:
         command["run"](options_from(command["options"], args, command="ats-vit " + " ".join(argv)))
