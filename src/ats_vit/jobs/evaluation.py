@@ -46,18 +46,25 @@ DENSE = Method("dense", "dense")
 ITS_MAX_GRID = 4
 
 
-def check_method(model: nn.Module, method: Method) -> None:
-    """Refuse, as the user's error, a method ``model`` cannot run; the model is not touched."""
+@contextmanager
+def _as_user_error() -> Iterator[None]:
+    """apply's and validate's refusals (they leave the model untouched) as the user's error."""
     try:
-        validate(model, **method.patch_arguments())
+        yield
     except (ValueError, TypeError) as e:
         raise UserError(f"{e} (from --blocks/--num-tokens/--sampler)") from None
 
 
+def check_method(model: nn.Module, method: Method) -> None:
+    """Refuse, as the user's error, a method ``model`` cannot run; the model is not touched."""
+    with _as_user_error():
+        validate(model, **method.patch_arguments())
+
+
 def apply_method(model: nn.Module, method: Method) -> nn.Module:
     """``model`` patched for ``method`` (the one path by which a job applies ATS)."""
-    check_method(model, method)
-    return apply(model, **method.patch_arguments())
+    with _as_user_error():
+        return apply(model, **method.patch_arguments())
 
 
 @contextmanager

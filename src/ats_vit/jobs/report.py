@@ -6,7 +6,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -20,15 +20,18 @@ def machine(device: str) -> dict:
     return info
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file beside it, so a kill leaves the old file or the new."""
+def save_atomic(write: Callable[[str], None], path: Path) -> None:
+    """``write`` (given a file name) through a temporary file beside ``path``, then renamed into
+    place, so a kill leaves the old file or the new, never a mix."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write(str(tmp))
     os.replace(tmp, path)
 
 
 def write_json(path: Path, data: object) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    """``data`` as indented JSON, written atomically."""
+    text = json.dumps(data, indent=2) + "\n"
+    save_atomic(lambda name: Path(name).write_text(text), path)
 
 
 def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:

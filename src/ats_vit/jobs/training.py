@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -27,6 +26,7 @@ from .distributed import Dist, barrier, shard
 from .errors import UserError
 from .evaluation import predict
 from .options import Option, at_least, one_of
+from .report import save_atomic
 
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS, STATE, LOG = "last.safetensors", "last_state.pt", "log.csv"
@@ -72,13 +72,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _save_atomic(write: Callable[[str], None], path: Path) -> None:
-    """Write through a temporary file, so a killed run leaves the previous file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, classes: int, config: TrainConfig,
@@ -154,9 +147,9 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, classes: int, c
         history.append(row)
         if d.main:  # the state file goes last: it marks the epoch as done
             _append_log(out_dir, row)
-            _save_atomic(lambda f: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f),
+            save_atomic(lambda f: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f),
                          out_dir / WEIGHTS)
-            _save_atomic(lambda f: torch.save({"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
+            save_atomic(lambda f: torch.save({"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
                                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                                "config": asdict(config)}, f), out_dir / STATE)
         barrier(d)
