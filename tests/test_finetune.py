@@ -51,10 +51,10 @@ def test_resume_after_a_kill_continues_exactly(uninterrupted, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         run_finetune(replace(SMALL, out=str(out)))
     assert [r["epoch"] for r in _log(out)] == [1]
-    monkeypatch.setattr(finetune_job, "fit", real_fit)
-
+    ran = []
+    monkeypatch.setattr(finetune_job, "fit", lambda *a, **k: real_fit(*a, **{**k, "on_epoch": ran.append}))
     resumed = run_finetune(replace(SMALL, out=str(out), resume=True))
-    assert [r["epoch"] for r in resumed] == [2]  # only the missing epoch ran
+    assert [r["epoch"] for r in ran] == [2] and [r["epoch"] for r in resumed] == [1, 2]  # only the missing epoch ran
     full, parts = _log(uninterrupted), _log(out)
     assert [r["step"] for r in parts] == [r["step"] for r in full] == [3, 6]
     for a, b in zip(full, parts):
@@ -82,7 +82,7 @@ def test_bad_finetune_input_gets_one_error_line(uninterrupted, tmp_path, capsys)
     base = ["finetune", "--limit", "64", "--batch-size", "32", "--epochs", "1", "--workers", "0"]
     cases = [
         (["--out", str(uninterrupted)], "already holds a run"),
-        (["--out", str(tmp_path / "none"), "--resume"], "holds no saved run"),
+        (["--out", str(tmp_path / "none"), "--resume"], "holds no run"),
         (["--out", str(tmp_path / "a"), "--amp", "float16"], "--amp float16 needs a CUDA device"),
         (["--out", str(tmp_path / "b"), "--amp", "fp8"], "--amp must be one of"),
         (["--out", str(tmp_path / "c"), "--blocks", "3-40"], "blocks contains 12"),

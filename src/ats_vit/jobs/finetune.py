@@ -13,7 +13,8 @@ from .loading import load_dataset, load_model, load_train_dataset, num_classes
 from .options import (BATCH_SIZE, BLOCKS, CHECKPOINT, DATA, DEFAULT_DEVICE, DEVICE, LIMIT, MODEL, NUM_TOKENS, OUT,
                       RESUME, SAMPLER, SEED, WORKERS, check_options)
 from .report import machine, write_json
-from .training import AMP, EPOCHS, LR, WARMUP_EPOCHS, TrainConfig, check_run_folder, claim_run_folder, fit
+from .checkpoint import check_run_folder, claim_run_folder
+from .training import AMP, EPOCHS, LR, WARMUP_EPOCHS, TrainConfig, fit
 
 
 @dataclass
@@ -48,7 +49,7 @@ def run_finetune(options: FinetuneOptions) -> List[Dict]:
     """Fine-tune with ATS applied; returns the per-epoch log rows."""
     check_options(options)
     out = Path(options.out)
-    check_run_folder(out, options.identity(), options.resume)
+    saved = check_run_folder(out, options.identity(), options.resume, done=out / "last.json")
     with setup(options.device) as (d, device):
         model = load_model(options.model, options.checkpoint, "finetune")
         apply_method(model, Method("finetune", "ATS", options.blocks, options.num_tokens, options.sampler))
@@ -62,17 +63,17 @@ def run_finetune(options: FinetuneOptions) -> List[Dict]:
                              warmup_epochs=options.warmup_epochs, amp=options.amp, workers=options.workers,
                              seed=options.seed)
         config.check(device, d, len(train_set))
-        if not options.resume:
+        if saved is None:
             claim_run_folder(out, options.identity(), d)
         say = (lambda row: print(json.dumps(row), flush=True)) if d.main else (lambda row: None)
         history = fit(model, train_set, test_set, num_classes(test_set), config, out, device, d,
-                      resume=options.resume, on_epoch=say)
+                      saved=saved, on_epoch=say)
         if d.main:
             meta = {"model": model.pretrained_cfg["architecture"],
                     "ats": {"blocks": options.blocks, "num_tokens": options.num_tokens, "sampler": options.sampler},
                     "epochs": options.epochs, "command": options.command, "processes": d.world,
                     **machine(options.device)}
-            write_json(out / "last.json", meta)
+            write_json(out / "last.json", meta)  # last: it marks the run as finished
             print(f"wrote {out}/last.safetensors (+ last.json naming its timm model for `ats-vit eval --model`)")
     return history
 

@@ -3,6 +3,7 @@ logged, checkpointed, resumable)."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,15 +11,15 @@ from typing import Optional
 
 import timm
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import Subset
 
 from ..zoo import FMNIST_MODEL
+from .checkpoint import WEIGHTS, check_run_folder, claim_run_folder
 from .data import fashion_mnist
 from .distributed import Dist
 from .options import BATCH_SIZE, LIMIT, OUT, RESUME, SEED, Option, check_options, writable_folder
-from .report import machine, write_json
-from .training import EPOCHS, LR, TrainConfig, check_run_folder, claim_run_folder, fit
+from .report import machine, save_atomic, write_json
+from .training import EPOCHS, LR, TrainConfig, fit
 
 DATA_ROOT = Option("--data-root", help="where Fashion-MNIST is staged (default ~/.cache/ats-vit/data)",
                    check=writable_folder)
@@ -43,7 +44,8 @@ def run_train(options: TrainOptions) -> dict:
     out = Path(options.out)
     config = TrainConfig(epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, seed=options.seed)
     identity = {"job": "train", "limit": options.limit or 0, **vars(config)}
-    check_run_folder(out, identity, options.resume)
+    weights, meta_path = out / f"{FMNIST_MODEL}.safetensors", out / f"{FMNIST_MODEL}.json"
+    saved = check_run_folder(out, identity, options.resume, done=meta_path)
     train_set, test_set = fashion_mnist(True, options.data_root), fashion_mnist(False, options.data_root)
     if options.limit:
         train_set = Subset(train_set, range(options.limit))
@@ -51,20 +53,19 @@ def run_train(options: TrainOptions) -> dict:
     torch.manual_seed(options.seed)
     model = timm.create_model(FMNIST_MODEL, pretrained=False)
     config.check(torch.device("cpu"), Dist(), len(train_set))
-    if not options.resume:
+    if saved is None:
         claim_run_folder(out, identity, Dist())
     start = time.time()
-    history = fit(model, train_set, test_set, 10, config, out, torch.device("cpu"), resume=options.resume,
+    history = fit(model, train_set, test_set, 10, config, out, torch.device("cpu"), saved=saved,
                   on_epoch=lambda row: print(json.dumps(row), flush=True))
-    weights = out / f"{FMNIST_MODEL}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    save_atomic(lambda tmp: shutil.copyfile(out / WEIGHTS, tmp), weights)
     meta = {
         "model": FMNIST_MODEL, "command": options.command, "seed": options.seed,
         "epochs": options.epochs, "train_images": len(train_set), "test_images": len(test_set),
         "wall_seconds": round(time.time() - start, 1), "test_top1": history[-1]["test_top1"],
         "config": vars(config), **machine("cpu"), "timm": timm.__version__,
     }
-    write_json(out / f"{FMNIST_MODEL}.json", meta)
+    write_json(meta_path, meta)  # last: it marks the run as finished
     print(f"wrote {weights} (test top-1 {meta['test_top1']:.2f}%)")
     return meta
 

@@ -3,18 +3,15 @@ schedule, autocast, DistributedDataParallel under torchrun, per-epoch logs and r
 checkpoints."""
 from __future__ import annotations
 
-import csv
-import json
 import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
@@ -22,14 +19,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from .checkpoint import Checkpoint, publish, save_checkpoint
 from .distributed import Dist, barrier, shard
 from .errors import UserError
 from .evaluation import predict
 from .options import Option, at_least, one_of
-from .report import save_atomic
 
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WEIGHTS, STATE, LOG = "last.safetensors", "last_state.pt", "log.csv"
 
 # Options of the commands that train (``train``, ``finetune``).
 EPOCHS = Option("--epochs", int, check=at_least(1))
@@ -75,21 +71,22 @@ def seed_everything(seed: int) -> None:
 
 
 def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, classes: int, config: TrainConfig,
-        out_dir: Path, device: torch.device, d: Dist = Dist(), resume: bool = False,
+        out_dir: Path, device: torch.device, d: Dist = Dist(), saved: Optional[Checkpoint] = None,
         on_epoch: Callable[[Dict], None] = lambda row: None) -> List[Dict]:
-    """Train ``model`` as it is (ATS applied or not) and evaluate it after each epoch.
+    """Train ``model`` as it is (ATS applied or not) and evaluate it after each epoch; returns
+    the log rows of every epoch of the run.
 
-    Each epoch appends a row (train loss, test top-1, mean GMACs per test image, learning rate,
-    seconds) to ``out_dir/log.csv`` and ``log.jsonl`` and saves ``last.safetensors`` (weights) and
-    ``last_state.pt`` (optimizer, scheduler, gradient scaler, epoch, step). With ``resume`` the run
-    continues after the last saved epoch and computes what the uninterrupted run would have: every
-    epoch's data order and random state derive from (seed, epoch, rank) alone. Rank 0 writes.
+    Each epoch's row (train loss, test top-1, mean GMACs per test image, learning rate, seconds)
+    goes to ``on_epoch`` and, with the weights and the optimizer, scheduler and scaler state, into
+    one checkpoint in ``out_dir`` (see ``checkpoint``). From a ``saved`` checkpoint the run
+    continues after its epoch and computes what the uninterrupted run would have: every epoch's
+    data order and random state derive from (seed, epoch, rank) alone. Rank 0 writes.
     """
     config.check(device, d, len(train_set))
     steps_per_epoch = len(train_set) // config.batch_size
     model.to(device)
-    if resume:  # before DistributedDataParallel copies rank 0's weights to the others
-        model.load_state_dict(load_file(str(out_dir / WEIGHTS), device=str(device)))
+    if saved is not None:  # before DistributedDataParallel copies rank 0's weights to the others
+        model.load_state_dict({k: v.to(device) for k, v in saved.weights.items()})
     sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed,
                                  drop_last=True)
     train_loader = DataLoader(train_set, batch_size=config.batch_size // d.world, sampler=sampler, drop_last=True,
@@ -104,19 +101,15 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, classes: int, c
     amp = AMP_DTYPES[config.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    start_epoch, step = 0, 0
-    if resume:
-        state = torch.load(out_dir / STATE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"], state["step"]
-        if start_epoch >= config.epochs:
-            raise UserError(f"--resume: {out_dir} already finished its {config.epochs} epochs")
+    start_epoch, step, rows = 0, 0, []
+    if saved is not None:
+        optimizer.load_state_dict(saved.state["optimizer"])
+        scheduler.load_state_dict(saved.state["scheduler"])
+        scaler.load_state_dict(saved.state["scaler"])
+        start_epoch, step, rows = saved.epoch, saved.state["step"], list(saved.rows)
         scheduler.step_update(step)
-        if d.main:  # rows logged after the last saved state belong to an epoch that is run again
-            _trim_log(out_dir, start_epoch)
-    history: List[Dict] = []
+        if d.main:  # repairs what a kill between commit and publication left stale
+            publish(out_dir, saved)
     for epoch in range(start_epoch, config.epochs):
         seed_everything(config.seed + 1000 * epoch + d.rank)
         sampler.set_epoch(epoch)
@@ -144,62 +137,11 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, classes: int, c
         row = {"epoch": epoch + 1, "step": step, "train_loss": float(loss_sum[0] / loss_sum[1]),
                "test_top1": result.top1, "test_gmacs": result.mean_gmacs, "lr": optimizer.param_groups[0]["lr"],
                "epoch_seconds": round(train_time, 1)}
-        history.append(row)
-        if d.main:  # the state file goes last: it marks the epoch as done
-            _append_log(out_dir, row)
-            save_atomic(lambda f: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f),
-                         out_dir / WEIGHTS)
-            save_atomic(lambda f: torch.save({"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
-                                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                               "config": asdict(config)}, f), out_dir / STATE)
+        rows.append(row)
+        if d.main:
+            save_checkpoint(out_dir, Checkpoint(epoch + 1, model.state_dict(), {
+                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "config": asdict(config)}, rows))
         barrier(d)
         on_epoch(row)
-    return history
-
-
-def _append_log(out_dir: Path, row: Dict) -> None:
-    csv_path = out_dir / LOG
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-    with open(out_dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _trim_log(out_dir: Path, epochs: int) -> None:
-    """Keep the log rows of the first ``epochs`` epochs."""
-    rows = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()] \
-        if (out_dir / "log.jsonl").exists() else []
-    for name in (LOG, "log.jsonl"):
-        (out_dir / name).unlink(missing_ok=True)
-    for row in rows:
-        if row["epoch"] <= epochs:
-            _append_log(out_dir, row)
-
-
-def check_run_folder(out_dir: Path, identity: Dict, resume: bool) -> None:
-    """With ``resume``: ``out_dir`` must hold a saved run described by ``identity`` (everything
-    that must not change between a run and its resumption). Without: it must hold no run."""
-    record = out_dir / "run.json"
-    if not resume:
-        if record.exists() or (out_dir / LOG).exists():
-            raise UserError(f"--out {out_dir} already holds a run; pass --resume to continue it or choose another folder")
-        return
-    if not (record.is_file() and (out_dir / STATE).is_file()):
-        raise UserError(f"--resume: {out_dir} holds no saved run (run.json and {STATE})")
-    saved = json.loads(record.read_text())
-    identity = json.loads(json.dumps(identity))  # compare as the record stores it (tuples become lists)
-    changed = [f"{k} was {saved.get(k)!r}, now {v!r}" for k, v in identity.items() if saved.get(k) != v]
-    if changed:
-        raise UserError(f"--resume: {out_dir} holds another run: " + "; ".join(changed))
-
-
-def claim_run_folder(out_dir: Path, identity: Dict, d: Dist) -> None:
-    """Record a new run in ``out_dir`` (rank 0, once every rank has validated its inputs)."""
-    barrier(d)
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run.json").write_text(json.dumps(identity, indent=2) + "\n")
+    return rows
