@@ -106,7 +106,7 @@ def test_imagenet_style_model_and_folder(image_folder, tmp_path, capsys):
 
     torch.manual_seed(0)
     weights = tmp_path / "deit_tiny.safetensors"
-    save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), str(weights))
+    save_file(timm.create_model("deit_tiny_patch16_224", num_classes=3).state_dict(), str(weights))  # 3 folders
     code, _, err = run(["eval", "--model", "deit_tiny_patch16_224", "--checkpoint", str(weights),
                         "--data", str(image_folder), "--limit", "4", "--num-tokens", "100", "--workers", "0",
                         "--timing-repeats", "1", "--out", str(tmp_path / "ev")], capsys)

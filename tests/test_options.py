@@ -37,6 +37,8 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
         code, out, err = run([command, "--out", str(taken)], capsys)
         assert code == 2 and "--out must be a writable folder" in err and one_error_line(err), (command, err)
         assert out == ""
+    code, out, err = run(["train", "--data-root", str(taken), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and "--data-root must be a writable folder" in err and one_error_line(err), err
 
 
 def test_viz_inputs_with_the_same_file_name_get_one_map_each(tiny_checkpoint, image_folder, tmp_path, capsys):

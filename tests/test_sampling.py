@@ -139,6 +139,24 @@ def test_token_scores_float32_under_low_precision_inputs():
     assert math.isclose(float(out.sum()), 1.0, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("autocast", [True, False])
+def test_class_attention_is_float32_from_bfloat16_queries_and_keys(autocast):
+    """The selection's inputs: the class row's attention from bfloat16 q and k, computed in
+    float32 even under autocast, equals the float64 computation from the same values."""
+    from ats_vit.core.scoring import class_attention_value_norm
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 50, 16, generator=g).mul(3).bfloat16() for _ in range(3))
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, 40:] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        scores = class_attention_value_norm(q, k, v, 1, valid, 0.25)
+    attn = ((q.double() * 0.25) @ k.double().transpose(-2, -1)).masked_fill(~valid[:, None, None], float("-inf"))
+    reference = torch.tensor([slow_scores(a, b, 1) for a, b in zip(attn.softmax(-1), v.double())], dtype=torch.float64)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), reference, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(attn=torch.rand(2, 5, 5), v=torch.rand(2, 1, 5, 3)), "4-D"),
     (dict(attn=torch.rand(2, 1, 5, 5), v=torch.rand(2, 1, 4, 3)), "v must be"),

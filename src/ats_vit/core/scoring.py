@@ -75,11 +75,16 @@ class Scorer:
 
 
 def attention_probs(q: Tensor, k: Tensor, valid: Optional[Tensor], scale: float) -> Tensor:
-    """Softmaxed attention of queries (B, H, M, d) over keys (B, H, N, d), padding keys hidden."""
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-    return logits.softmax(dim=-1)
+    """Softmaxed attention of queries (B, H, M, d) over keys (B, H, N, d), padding keys hidden,
+    in float32 or wider whatever the inputs' precision and any autocast: in bfloat16 the small
+    attention weights that decide the selection round to a few values, and a sampled set of
+    tokens amplifies each rounding into a different set."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        logits = (q.to(dtype) * scale) @ k.to(dtype).transpose(-2, -1)
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        return logits.softmax(dim=-1)
 
 
 def class_attention_value_norm(q, k, v, num_prefix: int, valid, scale) -> Tensor:

@@ -83,8 +83,7 @@ def apply(
             tokens by bipartite soft matching down to ``num_tokens``, at most half per block),
             for which ``sampler`` and ``scorer`` do not apply and ``None`` means no reduction.
     """
-    host = _host(model)
-    host.install_patch(model, host.validate(model, blocks, num_tokens, sampler, mode, scorer, reducer))
+    _host(model).install_patch(model, validate(model, blocks, num_tokens, sampler, mode, scorer, reducer))
     return model
 
 
@@ -94,7 +93,11 @@ def validate(model: nn.Module, *args, **kwargs) -> PatchConfig:
     would raise."""
     bound = inspect.signature(apply).bind(model, *args, **kwargs)
     bound.apply_defaults()
-    return _host(model).validate(*bound.arguments.values())
+    config = _host(model).validate(*bound.arguments.values())
+    if any(p.is_meta for p in model.parameters()):  # the selection's token counts depend on the values
+        raise ValueError("model has parameters on the meta device; ATS picks tokens from computed scores, so "
+                         "load real weights first (model.to_empty(device=...), then load_state_dict)")
+    return config
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -52,7 +52,7 @@ def _check_model(model: nn.Module) -> None:
 
 def placement(model: nn.Module) -> Tuple[int, Tuple[int, ...]]:
     """Blocks ATS can go in, and the default ones: 3 to the last, the paper's DeiT-S placement."""
-    depth = len(model.blocks)
+    depth = len(target(model).blocks)
     return depth, tuple(range(min(3, depth), depth))
 
 

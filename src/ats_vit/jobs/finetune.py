@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .distributed import setup
-from .errors import UserError
 from .evaluation import Method, apply_method
 from .loading import load_dataset, load_model, load_train_dataset, num_classes
 from .options import (BATCH_SIZE, BLOCKS, CHECKPOINT, DATA, DEFAULT_DEVICE, DEVICE, LIMIT, MODEL, NUM_TOKENS, OUT,
@@ -56,9 +55,6 @@ def run_finetune(options: FinetuneOptions) -> List[Dict]:
         data = options.data
         train_set = load_train_dataset(data, model, options.limit)
         test_set = load_dataset(data if data == "fashion-mnist" else str(Path(data) / "val"), model, options.limit)
-        if num_classes(train_set) != model.num_classes:
-            raise UserError(f"--data has {num_classes(train_set)} classes but the model's head has "
-                            f"{model.num_classes}; pass a checkpoint trained on these classes")
         config = TrainConfig(epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, min_lr=options.lr / 100,
                              warmup_epochs=options.warmup_epochs, amp=options.amp, workers=options.workers,
                              seed=options.seed)

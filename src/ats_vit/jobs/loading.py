@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +46,8 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, co
         checkpoint, name = name, _model_name_beside(Path(name))
     if not timm.is_model(name):
         raise UserError(f"--model: unknown timm model {name!r} (see timm.list_models())")
+    with torch.device("meta"):  # the architecture alone, no weights: refuse what ATS cannot patch first
+        _check_supported(timm.create_model(name), f"--model {name}")
     overlay, kwargs = None, {}
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
@@ -53,11 +56,14 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, co
         classes = _head_classes(Path(checkpoint))
         if classes is not None:  # a fine-tuned checkpoint brings its own class count
             overlay["num_classes"] = kwargs["num_classes"] = classes
+    elif not getattr(timm.models.get_pretrained_cfg(name), "file", None):
+        # timm's cache or the hub: say so, since an unreachable hub takes a while to give up
+        print(f"loading pretrained weights for {name} from timm's cache or the hub "
+              "(--checkpoint FILE loads local weights)", file=sys.stderr, flush=True)
     try:
         net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except RuntimeError as e:  # load_state_dict's size/key mismatch report
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"--checkpoint {checkpoint} does not fit {name}: {first}") from None
+        raise UserError(f"--checkpoint {checkpoint} does not fit {name}: {_first_mismatch(str(e))}") from None
     except Exception as e:  # hub unreachable, unreadable file
         raise UserError(f"cannot load weights for {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                         + ("" if checkpoint else " (pass --checkpoint FILE for local weights)")) from None
@@ -75,11 +81,22 @@ def _load_transformers(name: str) -> nn.Module:
     except Exception as e:  # no such folder, hub unreachable, not an image classifier
         raise UserError(f"--model {HF_PREFIX}{name}: cannot load it: {type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
-    try:
-        default_blocks(net)  # refuses the classes ATS does not support
-    except TypeError as e:
-        raise UserError(f"--model {HF_PREFIX}{name}: {e}") from None
+    _check_supported(net, f"--model {HF_PREFIX}{name}")
     return net.eval()
+
+
+def _check_supported(model: nn.Module, what: str) -> None:
+    try:
+        default_blocks(model)  # refuses the classes ATS does not support
+    except TypeError as e:
+        raise UserError(f"{what}: {e}") from None
+
+
+def _first_mismatch(report: str) -> str:
+    """The first problem of a ``load_state_dict`` report: its header names only the class."""
+    lines = [line.strip() for line in report.strip().splitlines()]
+    detail = next((line for line in lines[1:] if line), lines[0])
+    return detail if len(detail) <= 300 else detail[:300] + "..."
 
 
 def _processor_transform(model: nn.Module):
@@ -112,7 +129,14 @@ def _model_name_beside(path: Path) -> str:
     if not meta.is_file():
         raise UserError(f"--model {path}: a weights file needs {meta.name} beside it naming its timm model, "
                         "or use --model NAME --checkpoint FILE")
-    return json.loads(meta.read_text())["model"]
+    try:
+        name = json.loads(meta.read_text())["model"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"--model {path}: {meta} must be JSON naming the timm model, like "
+                        f'{{"model": "vit_small_patch16_224"}} ({type(e).__name__})') from None
+    if not isinstance(name, str):
+        raise UserError(f"--model {path}: the \"model\" of {meta} must be a timm model name, got {name!r}")
+    return name
 
 
 def eval_transform(model: nn.Module, training: bool = False):
@@ -148,7 +172,7 @@ def load_dataset(data: str, model: nn.Module, limit: Optional[int] = None, root:
         if not Path(data).is_dir():
             raise UserError(f"--data: {data} is neither 'fashion-mnist' nor a folder")
         dataset = _image_folder(Path(data), transform)
-    return _limited(dataset, limit)
+    return _limited(_matching(dataset, model), limit)
 
 
 def _image_folder(folder: Path, transform) -> Dataset:
@@ -172,7 +196,17 @@ def load_train_dataset(data: str, model: nn.Module, limit: Optional[int] = None,
             raise UserError(f"--data {data}: training needs 'fashion-mnist' or a folder with train/ and val/ "
                             "sub-folders of class folders")
         dataset = _image_folder(folder, eval_transform(model, training=True))
-    return _limited(dataset, limit)
+    return _limited(_matching(dataset, model), limit)
+
+
+def _matching(dataset: Dataset, model: nn.Module) -> Dataset:
+    """``dataset``, if its labels can be the model's classes: a label is an index into the head."""
+    head = model.config.num_labels if is_transformers_model(model) else model.num_classes
+    if len(dataset.classes) != head:
+        raise UserError(f"--data has {len(dataset.classes)} classes but the model's head has {head}; use a "
+                        "folder with one sub-folder per class of the model (in its order), or a checkpoint "
+                        "trained on these classes")
+    return dataset
 
 
 def _limited(dataset: Dataset, limit: Optional[int]) -> Dataset:
