@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	test -d /usr/share/datasets/fashion-mnist || ! command -v apt-get >/dev/null || \
 		apt-get install -y -q dataset-fashion-mnist || \
 		(apt-get update -q && apt-get install -y -q dataset-fashion-mnist) || true
+	@# g++ and ninja build the native selection op on first use (without them: a slower twin).
+	(command -v g++ && command -v ninja) >/dev/null || ! command -v apt-get >/dev/null || \
+		apt-get install -y -q g++ ninja-build || (apt-get update -q && apt-get install -y -q g++ ninja-build)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet -e ".[test]"

@@ -67,7 +67,7 @@ def run_case(name: str, repeats: int) -> list:
                             else float(ats_vit.last_stats(net).gmacs.mean()))
         speeds = compare_throughput(list(nets.values()), batch, warmup=3, repeats=repeats)
     rows = []
-    for (label, _), (images_per_s, speedup) in zip(nets.items(), speeds):
+    for (label, _), (images_per_s, speedup, *_) in zip(nets.items(), speeds):
         ideal = gmacs["dense"] / gmacs[label]
         rows.append({"case": name, "batch": len(batch), "method": label, "images_per_s": images_per_s,
                      "gmacs": gmacs[label], "ideal_speedup": ideal, "speedup": speedup, "realisation": speedup / ideal})

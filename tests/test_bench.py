@@ -26,7 +26,15 @@ def test_bench_bundled_model_reports_every_column(tmp_path, capsys):
     packed = [r for r in rows if r["method"].endswith("packed")]
     padded = [r for r in rows if r["method"].endswith("padded")]
     assert [r["gmacs"] for r in packed] == [r["gmacs"] for r in padded]  # same images, same tokens
-    assert "realisation" in out
+    for r in rows:
+        assert r["latency_p90_ms"] >= r["latency_ms"] > 0
+        assert r["latency_ms"] == pytest.approx(1000 * r["batch"] / r["images_per_s"])
+    for group in (rows[i:i + 4] for i in range(0, len(rows), 4)):  # dense, packed, padded, bound
+        bound = group[3]
+        for r in group[1:3]:
+            assert r["of_bound"] == pytest.approx(r["realisation"] / bound["realisation"])
+        assert "of_bound" not in group[0] and "of_bound" not in bound
+    assert "realisation" in out and "ATS / bound" in out and "p90 ms" in out
 
 
 @pytest.mark.parametrize("args,match", [(["--repeats", "5"], "--repeats"), (["--dtypes", "float16x"], "--dtypes"),

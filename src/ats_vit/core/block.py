@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
+from . import native
 from .parts import AttentionParts, BlockParts
-from .sampling import K, Sampler
+from .sampling import K, Sampler, inverse_transform_sampling, k_per_row
 from .scoring import ScoreFn, class_attention_value_norm
 from .tokens import Layout, Tokens, drop_path, select_rows
 
-# Profiler range around scoring and sampling, so benchmarks can time the selection step.
+# Profiler range around the selection (scoring, sampling, the kept rows and layout), so
+# benchmarks can time it.
 SELECT_RANGE = "ats_vit.select"
 # Images per attention call when their token counts differ: packed attention sorts images by
 # key count and attends each group of this many at its own padded length, when that cuts the
@@ -109,6 +111,33 @@ def dense_block(block: BlockParts, tokens: Tokens) -> Tokens:
     return Tokens(y, layout, tokens.positions, tokens.size, tokens.key_bias)
 
 
+def select(q: Tensor, k: Tensor, v: Tensor, tokens: Tokens, num_prefix: int, scale: float, budget: K,
+           sampler: Sampler, scorer: ScoreFn) -> tuple[Tensor, Layout, Tensor, Tensor]:
+    """One ATS block's selection: ``sampler`` on ``scorer``'s scores of the queries, keys and
+    values (B, H, N, d) of ``tokens``, then :func:`~ats_vit.core.tokens.select_rows`.
+
+    Returns:
+        the kept tokens' queries (B, H, P + K'max, d) and the rest of ``select_rows``' answer:
+        the new layout, the kept rows in the flat tokens and their original positions.
+        The paper's pair on the CPU runs as one native op that returns the same, bit for bit
+        (see :mod:`ats_vit.core.native`).
+    """
+    layout = tokens.layout
+    if (scorer is class_attention_value_norm and sampler is inverse_transform_sampling
+            and q.device.type == "cpu" and native.available()):
+        q_kept, kept, flat_rows, positions, valid, index = torch.ops.ats_vit.ats_select(
+            q.detach(), k.detach(), v.detach(), layout.valid, scale, num_prefix,
+            k_per_row(budget, q.shape[0], q.device), layout.index, tokens.positions, layout.packed)
+        new_layout = Layout(index, valid if valid.numel() else None, layout.packed)
+        if not q.requires_grad:  # the op's copy carries no gradient; under autograd, gather below
+            return q_kept, new_layout, flat_rows, positions
+    else:
+        index = sampler(scorer(q, k, v, num_prefix, layout.valid, scale), budget)
+        kept, new_layout, flat_rows, positions = select_rows(tokens, index, num_prefix)
+    q_kept = q.gather(2, kept[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    return q_kept, new_layout, flat_rows, positions
+
+
 def ats_block(block: BlockParts, tokens: Tokens, num_prefix: int, k: K, sampler: Sampler,
               scorer: ScoreFn = class_attention_value_norm) -> Tokens:
     """The block with Adaptive Token Sampling inside its attention.
@@ -129,10 +158,7 @@ def ats_block(block: BlockParts, tokens: Tokens, num_prefix: int, k: K, sampler:
     q, keys, v = qkv(attn, h, layout)
 
     with record_function(SELECT_RANGE):
-        index = sampler(scorer(q, keys, v, num_prefix, layout.valid, attn.scale), k)
-
-    kept, new_layout, flat_rows, positions = select_rows(tokens, index, num_prefix)
-    q = q.gather(2, kept[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+        q, new_layout, flat_rows, positions = select(q, keys, v, tokens, num_prefix, attn.scale, k, sampler, scorer)
     out = attend(q, keys, v, new_layout.valid, layout.valid, layout.packed, attn.scale, attn.dropout_p, attn.fused)
     gate = torch.index_select(h, 0, flat_rows) if attn.gate is not None else None
     out = new_layout.unpad(out.transpose(1, 2).flatten(2))

@@ -48,11 +48,11 @@ class BlockCost:
                    mlp=linear_macs(block.mlp), attn_pair=2 * attn.num_heads * attn.head_dim)
 
     def macs(self, n_in: Count, n_out: Count, kind: str = "dense", num_prefix: int = 0,
-             scoring_rows: str = "prefix") -> Count:
+             scoring_rows: str = "class") -> Count:
         """MACs of the block when ``n_in`` tokens enter and ``n_out`` leave.
 
         kind: ``"dense"``; ``"ats"`` (attention rows, projection and MLP for the kept tokens only;
-        the scorer computes q kᵀ for ``scoring_rows``: the ``"prefix"`` rows, ``"all"`` or
+        the scorer computes q kᵀ for ``scoring_rows``: the ``"class"`` token's row, ``"all"`` or
         ``"none"``); ``"evit"`` and ``"tome"`` (attention and projection for every token entering,
         the MLP for those leaving; EViT's class row q kᵀ and fusion matmul, ToMe's A-B similarity).
         """
@@ -60,7 +60,7 @@ class BlockCost:
         if kind == "dense":
             return n_in * (self.qkv + self.proj + self.mlp) + n_in * n_in * self.attn_pair
         if kind == "ats":
-            rows = {"prefix": num_prefix, "all": n_in, "none": 0}[scoring_rows]
+            rows = {"class": 1, "all": n_in, "none": 0}[scoring_rows]
             return (n_in * self.qkv + rows * n_in * score_pair
                     + n_out * n_in * self.attn_pair + n_out * (self.proj + self.mlp))
         shared = n_in * (self.qkv + self.proj) + n_in * n_in * self.attn_pair + n_out * self.mlp
@@ -80,7 +80,7 @@ class ViTCost:
     blocks: List[BlockCost]
 
     def macs(self, num_patches: int, tokens: Tensor, reduced: Sequence[int] = (), kind: str = "ats",
-             num_prefix_tokens: int = 1, scoring_rows: str = "prefix") -> Tensor:
+             num_prefix_tokens: int = 1, scoring_rows: str = "class") -> Tensor:
         """MACs per image from the tokens each block saw.
 
         Args:
@@ -189,7 +189,7 @@ class CvtCostAt:
         return total + sum(_dense_layers(stage, grid) for stage, grid in zip(self.model.stages[:-1], grids))
 
     def macs(self, num_patches: int, tokens: Tensor, reduced: Sequence[int] = (), kind: str = "ats",
-             num_prefix_tokens: int = 1, scoring_rows: str = "prefix") -> Tensor:
+             num_prefix_tokens: int = 1, scoring_rows: str = "class") -> Tensor:
         """MACs per image from the tokens (B, depth + 1) entering each last-stage layer."""
         stage, grid = self.model.stages[-1], self.grids()[-1]
         total = torch.full(tokens.shape[:1], float(self._fixed()), dtype=torch.float64, device=tokens.device)

@@ -12,14 +12,15 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
+from . import native
 from .registry import Registry
 
 K = Union[int, Tensor]  # k: an int for every image, or a (B,) integer tensor, one per image
 Sampler = Callable[[Tensor, K], Tensor]
 
 
-def _k_per_row(k: K, batch: int, device: torch.device) -> Tensor:
-    """Validate ``k`` and return it as a (B,) long tensor."""
+def k_per_row(k: K, batch: int, device: torch.device) -> Tensor:
+    """Check ``k`` and return it as a (B,) long tensor."""
     if isinstance(k, Tensor):
         if k.dim() != 1 or k.shape[0] != batch or k.is_floating_point():
             raise ValueError(f"k as a tensor must be integer with shape ({batch},), got {k.dtype} {tuple(k.shape)}")
@@ -60,7 +61,8 @@ def inverse_transform_sampling(scores: Tensor, k: K) -> Tensor:
     Each grid point picks the token whose F is nearest (the first on ties); duplicates count once.
     So a row keeps K' <= K distinct tokens, never its lowest-scoring one; a row with a single
     eligible token keeps it and a row with none keeps nothing. Deterministic, no Python loop over
-    rows, no gradient.
+    rows, no gradient. On the CPU one native op (``torch.ops.ats_vit.inverse_transform``, see
+    :mod:`ats_vit.core.native`) does it all; elsewhere :func:`inverse_transform_reference`.
 
     Args:
         scores: (B, n) token scores (any positive scale; zero marks a token that is not eligible).
@@ -71,7 +73,17 @@ def inverse_transform_sampling(scores: Tensor, k: K) -> Tensor:
     """
     _check_scores(scores)
     B, n = scores.shape
-    k = _k_per_row(k, B, scores.device)
+    k = k_per_row(k, B, scores.device)
+    if scores.device.type == "cpu" and native.available():
+        return torch.ops.ats_vit.inverse_transform(scores.detach(), k)
+    return inverse_transform_reference(scores, k)
+
+
+def inverse_transform_reference(scores: Tensor, k: Tensor) -> Tensor:
+    """:func:`inverse_transform_sampling` in PyTorch operations, for any device: the twin of
+    the native CPU op (same picks, bit for bit), used where that op is not available. ``k`` is
+    (B,) long, already checked."""
+    B, n = scores.shape
     if B == 0 or n == 0:
         return torch.empty(B, 0, dtype=torch.long, device=scores.device)
     s = scores.detach().to(torch.float64)
@@ -116,7 +128,7 @@ def topk_sampling(scores: Tensor, k: K) -> Tensor:
     """
     _check_scores(scores)
     B, n = scores.shape
-    k = _k_per_row(k, B, scores.device)
+    k = k_per_row(k, B, scores.device)
     s = scores.detach()
     eligible = _eligible(s)
     order = torch.where(eligible, s, float("-inf")).argsort(dim=1, descending=True, stable=True)

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import native
 from .registry import Registry
 
 ScoreFn = Callable[[Tensor, Tensor, Tensor, int, Optional[Tensor], float], Tensor]
@@ -71,7 +72,7 @@ def token_scores(
 @dataclass(frozen=True)
 class Scorer:
     fn: ScoreFn
-    query_rows: str  # "prefix": the P prefix rows' q kᵀ; "all": every row's; "none"
+    query_rows: str  # "class": the class token's row of q kᵀ; "all": every row's; "none"
 
 
 def attention_probs(q: Tensor, k: Tensor, valid: Optional[Tensor], scale: float) -> Tensor:
@@ -88,14 +89,42 @@ def attention_probs(q: Tensor, k: Tensor, valid: Optional[Tensor], scale: float)
 
 
 def class_attention_value_norm(q, k, v, num_prefix: int, valid, scale) -> Tensor:
-    """ATS: the class token's attention summed over heads, times the value norm."""
-    return token_scores(attention_probs(q[:, :, :num_prefix], k, valid, scale), v, num_prefix, valid)
+    """ATS: the class token's attention summed over heads, times the value norm, in float64:
+    :func:`token_scores` of the class row's attention. On the CPU one native op (see
+    :mod:`ats_vit.core.native`); elsewhere :func:`class_attention_value_norm_reference`."""
+    if q.device.type == "cpu" and native.available():
+        return torch.ops.ats_vit.cls_value_scores(q.detach(), k.detach(), v.detach(), valid, scale, num_prefix)
+    return class_attention_value_norm_reference(q, k, v, num_prefix, valid, scale)
+
+
+def class_attention_value_norm_reference(q, k, v, num_prefix: int, valid, scale) -> Tensor:
+    """:func:`class_attention_value_norm` in PyTorch operations, for any device: the twin of the
+    native CPU op ``ats_vit::cls_value_scores`` (same scores, bit for bit). Float64 whatever the
+    inputs' precision and any autocast, every sum taken in index order (a cumulative sum's last
+    element; on the CPU torch's cumsum adds sequentially), which fixes each result to the bit.
+    exp and sqrt go through the same ATen kernels, on contiguous tensors of the same shapes, in
+    both (their vectorised and scalar paths round differently).
+    """
+    P = num_prefix
+    with torch.autocast(q.device.type, enabled=False):
+        q0 = q[:, :, 0].double() * scale  # (B, H, d)
+        logits = (q0[:, :, None, :] * k.double()).cumsum(-1)[..., -1]  # (B, H, N)
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+        e = (logits - logits.amax(-1, keepdim=True)).exp()
+        probs = e / e.cumsum(-1)[..., -1:]
+        cls = probs[:, :, P:].cumsum(1)[:, -1]  # summed over heads, (B, n)
+        vv = v[:, :, P:].double()
+        norm = (vv * vv).transpose(1, 2).flatten(2).cumsum(-1)[..., -1].contiguous().sqrt()  # over heads, head dims
+        scores = cls * norm
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, P:], 0.0)
+        return scores / scores.cumsum(-1)[:, -1:].clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def class_attention(q, k, v, num_prefix: int, valid, scale) -> Tensor:
     """The class token's attention summed over heads alone (no value norm)."""
-    return token_scores(attention_probs(q[:, :, :num_prefix], k, valid, scale), v, num_prefix, valid,
-                        value_norm=False)
+    return token_scores(attention_probs(q[:, :, :1], k, valid, scale), v, num_prefix, valid, value_norm=False)
 
 
 def all_queries_attention(q, k, v, num_prefix: int, valid, scale) -> Tensor:
@@ -117,8 +146,8 @@ def random_scores(q, k, v, num_prefix: int, valid, scale) -> Tensor:
 
 
 SCORERS: Registry[Scorer] = Registry("scorer", {
-    "cls_value": Scorer(class_attention_value_norm, "prefix"),
-    "cls": Scorer(class_attention, "prefix"),
+    "cls_value": Scorer(class_attention_value_norm, "class"),
+    "cls": Scorer(class_attention, "class"),
     "all_queries": Scorer(all_queries_attention, "all"),
     "random": Scorer(random_scores, "none"),
 })

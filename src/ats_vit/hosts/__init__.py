@@ -118,9 +118,10 @@ def last_stats(model: nn.Module) -> ATSStats:
     patch = _patch(model)
     if patch is None:
         raise ValueError("model is not patched with ATS; call ats_vit.apply(model) first")
-    if patch.last is None:
+    stats = patch.last_stats()
+    if stats is None:
         raise ValueError("no forward has run since ats_vit.apply; run the model first")
-    return patch.last
+    return stats
 
 
 def cost_model(model: nn.Module):

@@ -8,6 +8,7 @@ under :data:`ATTRIBUTE`; the host says which module is the target of a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from numbers import Integral
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -42,14 +43,21 @@ class PatchConfig:
 class Patch:
     """Everything a patched model holds: its config, the host's block records (``parts``) and
     cost model, the target's class before the patch (for :func:`remove`), and what the last
-    forward left: its statistics and the weight of each output token in pooling (a merged
-    token weighs the patches it holds; padding weighs nothing; None: all weigh one)."""
+    forward left: its statistics (built when first asked for: a forward only records the token
+    counts and positions) and the weight of each output token in pooling (a merged token weighs
+    the patches it holds; padding weighs nothing; None: all weigh one)."""
     config: PatchConfig
     parts: tuple
     cost: object
     original_class: type
-    last: Optional[ATSStats] = None
+    last: Union[None, ATSStats, Callable[[], ATSStats]] = None
     pool_weight: Optional[Tensor] = None
+
+    def last_stats(self) -> Optional[ATSStats]:
+        """The last forward's statistics (None before any forward), built once."""
+        if callable(self.last):
+            self.last = self.last()
+        return self.last
 
 
 def check_blocks(blocks: Union[None, int, Sequence[int]], depth: int, default: Sequence[int]) -> Tuple[int, ...]:
@@ -148,15 +156,16 @@ def run_blocks(blocks: Sequence, x: Tensor, num_prefix: int, patch: Patch, grad_
         else:
             tokens = run(dense, blk, tokens)
         counts.append(tokens.layout.counts())
-    patch.last = make_stats(config, patch.cost if cost is None else cost, n, P, torch.stack(counts, dim=1),
-                            tuple(positions))
+    patch.last = partial(make_stats, config, patch.cost if cost is None else cost, n, P, counts, tuple(positions))
     patch.pool_weight = tokens.size if tokens.size is not None else tokens.layout.valid
     return tokens
 
 
-def make_stats(config: PatchConfig, cost, num_patches: int, num_prefix: int, token_counts: Tensor,
+def make_stats(config: PatchConfig, cost, num_patches: int, num_prefix: int, counts: Sequence[Tensor],
                positions: Tuple[Tensor, ...]) -> ATSStats:
-    """Statistics of one forward from the tokens (B, depth + 1) entering each block."""
+    """Statistics of one forward from the token ``counts`` (B,) entering each block, then leaving
+    the last."""
+    token_counts = torch.stack(counts, dim=1)
     return ATSStats(
         blocks=config.blocks,
         num_patches=num_patches,

@@ -19,17 +19,19 @@ from .errors import UserError
 from .evaluation import DENSE, Method, budget_for, configured_copies, image_gmacs
 from .options import DEFAULT_DEVICE, DEVICE, OUT, Option, at_least, check_options, comma_list, one_of
 from .report import format_table, machine, write_json
-from .timing import compare_throughput, peak_forward_bytes, range_share
+from .timing import Speed, compare_throughput, peak_forward_bytes, range_share
 
 BOUND_LABEL = "bound: dense blocks at ATS's counts"
 
-CASES = ("deit_s", "bundled", "cvt13")
-DEFAULT_CASES = ("deit_s", "bundled")
+CASES = ("deit_s", "deit_ti", "bundled", "cvt13")
+DEFAULT_CASES = ("deit_s", "deit_ti", "bundled")
+SHAPES = {"deit_s": "deit_small_patch16_224", "deit_ti": "deit_tiny_patch16_224"}
 CVT_REDUCTION = 1 - 3.2 / 4.5  # the paper's CvT-13 budget: 4.5 -> 3.2 GFLOPs
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
-CASE = Option("--case", comma_list(str), "deit_s (DeiT-S shape at 224, random weights), bundled (Fashion-MNIST "
+CASE = Option("--case", comma_list(str), "deit_s, deit_ti (DeiT-S, DeiT-Ti shape at 224, random weights, ATS "
+              "in blocks 3-11 at --reduction), bundled (Fashion-MNIST "
               "ViT, real images), cvt13 (transformers CvT-13 at 224, random weights, ATS at the paper's -29%%; "
               "needs ats-vit[hf])", check=one_of(lambda: list(CASES)))
 BATCH_SIZES = Option("--batch-sizes", comma_list(int), check=at_least(1))
@@ -37,7 +39,7 @@ DTYPE_NAMES = Option("--dtypes", comma_list(str), check=one_of(lambda: list(DTYP
 COMPILE = Option("--compile", help="time torch.compile'd models", switch=True)
 WARMUP = Option("--warmup", int, check=at_least(1))
 REPEATS = Option("--repeats", int, "timed rounds (>= 10 for a median worth reporting)", check=at_least(10))
-REDUCTION = Option("--reduction", float, "GMACs reduction of the deit_s ATS budget",
+REDUCTION = Option("--reduction", float, "GMACs reduction of the deit_s and deit_ti ATS budget",
                    check=lambda v: None if 0 < v < 1 else "must be a GMACs reduction in (0, 1)")
 
 
@@ -60,9 +62,9 @@ def _case(name: str, options: BenchOptions, device: torch.device):
     """(model, input pool, ATS methods) of a benchmark case."""
     import timm
 
-    if name == "deit_s":
+    if name in SHAPES:
         torch.manual_seed(options.seed)
-        model = timm.create_model("deit_small_patch16_224").eval().to(device)
+        model = timm.create_model(SHAPES[name]).eval().to(device)
         pool = torch.randn(max(options.batch_sizes), 3, 224, 224, device=device)
         ats = Method("ATS 3-11", "ATS", tuple(range(3, 12)))
         ats, _ = budget_for(model, ats, pool, (1 - options.reduction) * image_gmacs(model, pool),
@@ -103,7 +105,7 @@ def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, d
         runners = [torch.compile(m) if options.compile else m for m in models + ([bound] if bound else [])]
         speeds = compare_throughput(runners, batch, options.warmup, options.repeats)
         rows = []
-        for method, net, (images_per_s, speedup) in zip(methods, models, speeds):
+        for method, net, speed in zip(methods, models, speeds):
             if method.blocks is None:
                 gmacs, tokens, select = image_gmacs(net, batch), [], 0.0
             else:
@@ -111,21 +113,25 @@ def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, d
                 gmacs = float(stats.gmacs.mean())
                 tokens = [round(float(t), 1) for t in stats.num_kept.double().mean(0)]
                 select = range_share(net, batch, SELECT_RANGE)
-            rows.append(_row(method.label, net, batch, images_per_s, speedup, gmacs, tokens, select, options))
+            rows.append(_row(method.label, net, batch, speed, gmacs, tokens, select, options))
         if bound is not None:
             kept = [float(bound.counts[i + 1] - model.num_prefix_tokens) for i in methods[1].blocks]
-            rows.append(_row(BOUND_LABEL, bound, batch, *speeds[-1], bound.gmacs(), kept, 0.0, options))
+            rows.append(_row(BOUND_LABEL, bound, batch, speeds[-1], bound.gmacs(), kept, 0.0, options))
     for row in rows:
         row["ideal_speedup"] = rows[0]["gmacs"] / row["gmacs"]
         row["realisation"] = row["speedup"] / row["ideal_speedup"]
+    if bound is not None:  # how much of what the kernels allow at ATS's counts ATS gets
+        for row in rows[1:-1]:
+            row["of_bound"] = row["realisation"] / rows[-1]["realisation"]
     return rows
 
 
-def _row(label: str, net, batch: torch.Tensor, images_per_s: float, speedup: float, gmacs: float,
-         tokens: List[float], select: float, options: BenchOptions) -> Dict:
-    return {"method": label, "images_per_s": images_per_s, "latency_ms": 1000 * len(batch) / images_per_s,
-            "peak_mb": peak_forward_bytes(net, batch) / 2 ** 20, "gmacs": gmacs, "tokens_per_ats_block": tokens,
-            "selection_share": select, "runs": options.repeats, "speedup": speedup}
+def _row(label: str, net, batch: torch.Tensor, speed: Speed, gmacs: float, tokens: List[float], select: float,
+         options: BenchOptions) -> Dict:
+    return {"method": label, "images_per_s": speed.images_per_s, "latency_ms": speed.median_ms,
+            "latency_p90_ms": speed.p90_ms, "peak_mb": peak_forward_bytes(net, batch) / 2 ** 20, "gmacs": gmacs,
+            "tokens_per_ats_block": tokens, "selection_share": select, "runs": options.repeats,
+            "speedup": speed.speedup}
 
 
 class _FirstTokens(nn.Module):
@@ -185,18 +191,22 @@ def run_bench(options: BenchOptions) -> List[Dict]:
 
 def _report(rows: List[Dict], options: BenchOptions) -> None:
     show = [{"case": r["case"], "dtype": r["dtype"], "batch": r["batch"], "method": r["method"],
-             "img/s": f"{r['images_per_s']:.1f}", "latency ms": f"{r['latency_ms']:.1f}",
+             "img/s": f"{r['images_per_s']:.1f}", "ms": f"{r['latency_ms']:.2f}",
+             "p90 ms": f"{r['latency_p90_ms']:.2f}",
              "peak MB": f"{r['peak_mb']:.0f}", "GMACs": f"{r['gmacs']:.3f}",
              "tokens/ATS block": " ".join(f"{t:.0f}" for t in r["tokens_per_ats_block"]) or "-",
              "ideal": f"{r['ideal_speedup']:.2f}x", "measured": f"{r['speedup']:.2f}x",
              "realisation": f"{r['realisation']:.2f}",
+             "ATS / bound": f"{r['of_bound']:.2f}" if "of_bound" in r else "-",
              "select %": f"{100 * r['selection_share']:.1f}" if r["tokens_per_ats_block"] else "-"} for r in rows]
     print()
     print(format_table(show, list(show[0])))
     setting = {**machine(options.device), "compile": options.compile, "warmup": options.warmup,
                "repeats": options.repeats}
     print(f"\nmodel only; methods timed in turn, {options.repeats} rounds after {options.warmup} warm-up rounds; "
-          f"img/s from each method's median time, speed-up the median of the rounds' paired ratios; {setting}")
+          f"img/s and ms (one forward of the batch) from each method's median time, p90 ms its 90th percentile, "
+          f"speed-up the median of the rounds' paired ratios, ATS / bound the realisation over the bound's; "
+          f"{setting}")
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench.json", {"machine": setting, "rows": rows})

@@ -110,8 +110,8 @@ def run_eval(options: CompareOptions, suite: Suite = default_suite) -> List[Resu
         if d.main:
             with configured_copies(model, methods) as models:
                 speeds = compare_throughput(models, timing_batch, repeats=options.timing_repeats)
-            for result, (images_per_s, speedup) in zip(results, speeds):
-                result.images_per_s, result.speedup = images_per_s, speedup
+            for result, speed in zip(results, speeds):
+                result.images_per_s, result.speedup = speed.images_per_s, speed.speedup
             _report(model, options, dataset, results, timing_batch, d)
         barrier(d)  # the others wait while rank 0 times and writes
     return results

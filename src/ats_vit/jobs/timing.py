@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import statistics
 import time
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -37,12 +38,20 @@ def interleaved_times(fns: Sequence[Callable[[], object]], device: torch.device,
     return times
 
 
+class Speed(NamedTuple):
+    """One model's timing on one batch."""
+    images_per_s: float  # from the median time of a forward
+    speedup: float  # over the first model compared: the median of the rounds' paired time ratios
+    median_ms: float  # latency of one forward of the batch
+    p90_ms: float  # the 90th percentile (nearest rank)
+
+
 def compare_throughput(models: Sequence[Callable[[torch.Tensor], object]], batch: torch.Tensor, warmup: int = 2,
-                       repeats: int = 5) -> List[Tuple[float, float]]:
-    """(images/s, speed-up over ``models[0]``) of each model on ``batch``, timed in interleaved
-    rounds: images/s from its median time, the speed-up the median of the rounds' paired ratios."""
+                       repeats: int = 5) -> List[Speed]:
+    """The :class:`Speed` of each model on ``batch``, timed in interleaved rounds."""
     times = interleaved_times([functools.partial(m, batch) for m in models], batch.device, warmup, repeats)
-    return [(len(batch) / statistics.median(t), statistics.median(b / x for b, x in zip(times[0], t)))
+    return [Speed(len(batch) / statistics.median(t), statistics.median(b / x for b, x in zip(times[0], t)),
+                  1000 * statistics.median(t), 1000 * sorted(t)[math.ceil(0.9 * len(t)) - 1])  # nearest rank
             for t in times]
 
 
