@@ -26,6 +26,8 @@
 
 namespace {
 
+constexpr int64_t kTile = 16;  // keys whose dot products with the class query run side by side
+
 // Kept indices of one row into keep[0..n): the reference's rule, see the Python docstring.
 void select_row(const double* scores, int64_t n, int64_t k, std::vector<uint8_t>& keep,
                 std::vector<std::pair<double, int64_t>>& pairs, std::vector<int64_t>& order,
@@ -130,24 +132,27 @@ at::Tensor cls_value_scores_typed(const at::Tensor& q, const at::Tensor& k, cons
     valid_p = valid_c.data_ptr<bool>();
   }
   double* sh = shifted.data_ptr<double>();
+  // Loops run over tokens innermost: each token's sum still adds in index order, and the
+  // tokens' independent sums overlap instead of waiting on one another's additions.
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> q0(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      for (int64_t d = 0; d < D; ++d) q0[d] = static_cast<double>(qp[b * qs[0] + h * qs[1] + d * qs[3]]) * scale;
       double* row = sh + bh * N;
-      double top = -INFINITY;
-      for (int64_t j = 0; j < N; ++j) {
-        double acc = 0.0;
-        if (valid_p && !valid_p[b * N + j]) {
-          acc = -INFINITY;
-        } else {
-          const T* kj = kp + b * ks[0] + h * ks[1] + j * ks[2];
-          for (int64_t d = 0; d < D; ++d) acc += q0[d] * static_cast<double>(kj[d * ks[3]]);
-        }
-        row[j] = acc;
-        top = std::max(top, acc);
+      const T* kh = kp + b * ks[0] + h * ks[1];
+      for (int64_t d = 0; d < D; ++d) q0[d] = static_cast<double>(qp[b * qs[0] + h * qs[1] + d * qs[3]]) * scale;
+      for (int64_t j0 = 0; j0 < N; j0 += kTile) {  // a tile of keys: their rows stay in cache
+        const int64_t j1 = std::min(j0 + kTile, N);
+        double acc[kTile] = {};
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = j0; j < j1; ++j) acc[j - j0] += q0[d] * static_cast<double>(kh[j * ks[2] + d * ks[3]]);
+        std::copy(acc, acc + (j1 - j0), row + j0);
       }
+      if (valid_p)
+        for (int64_t j = 0; j < N; ++j)
+          if (!valid_p[b * N + j]) row[j] = -INFINITY;
+      double top = -INFINITY;
+      for (int64_t j = 0; j < N; ++j) top = std::max(top, row[j]);
       for (int64_t j = 0; j < N; ++j) row[j] = row[j] - top;
     }
   });
@@ -156,25 +161,22 @@ at::Tensor cls_value_scores_typed(const at::Tensor& q, const at::Tensor& k, cons
   auto cls = at::empty({B, n}, opts), squares = at::empty({B, n}, opts);
   double *cp = cls.data_ptr<double>(), *sp = squares.data_ptr<double>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> total(H);
     for (int64_t b = begin; b < end; ++b) {
+      double* c = cp + b * n;
+      double* sq = sp + b * n;
+      std::fill(c, c + n, 0.0);
+      std::fill(sq, sq + n, 0.0);
       for (int64_t h = 0; h < H; ++h) {
-        double t = 0.0;
-        for (int64_t j = 0; j < N; ++j) t += ep[(b * H + h) * N + j];
-        total[h] = t;
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        double c = 0.0, sq = 0.0;
-        for (int64_t h = 0; h < H; ++h) {
-          c += ep[(b * H + h) * N + P + j] / total[h];
-          const T* vj = vp + b * vs[0] + h * vs[1] + (P + j) * vs[2];
-          for (int64_t d = 0; d < D; ++d) {
-            const double x = static_cast<double>(vj[d * vs[3]]);
-            sq += x * x;
+        const double* eh = ep + (b * H + h) * N;
+        double total = 0.0;
+        for (int64_t j = 0; j < N; ++j) total += eh[j];
+        for (int64_t j = 0; j < n; ++j) c[j] += eh[P + j] / total;
+        const T* vh = vp + b * vs[0] + h * vs[1] + P * vs[2];
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < n; ++j) {
+            const double x = static_cast<double>(vh[j * vs[2] + d * vs[3]]);
+            sq[j] += x * x;
           }
-        }
-        cp[b * n + j] = c;
-        sp[b * n + j] = sq;
       }
     }
   });
@@ -270,22 +272,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // The kept query rows (B, H, W, d), padding rows copying the first patch token's.
   const int64_t H = q.size(1), D = q.size(3);
   auto q_kept = at::empty({B, H, W, D}, q.options());
-  const int64_t row_bytes = D * q.element_size();
   const auto qs = q.strides();
-  const char* qp = static_cast<const char*>(q.data_ptr());
-  char* out = static_cast<char*>(q_kept.data_ptr());
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t j = 0; j < W; ++j) {
-        char* dst = out + ((b * H + h) * W + j) * row_bytes;
-        const char* src = qp + (b * qs[0] + h * qs[1] + kept[b * W + j] * qs[2]) * q.element_size();
-        if (qs[3] == 1) {
-          std::memcpy(dst, src, row_bytes);
-        } else {
-          for (int64_t d = 0; d < D; ++d)
-            std::memcpy(dst + d * q.element_size(), src + d * qs[3] * q.element_size(), q.element_size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "ats_select_rows", [&] {
+    const scalar_t* src = q.data_ptr<scalar_t>();
+    scalar_t* dst = q_kept.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        for (int64_t j = 0; j < W; ++j) {
+          const scalar_t* from = src + b * qs[0] + h * qs[1] + kept[b * W + j] * qs[2];
+          scalar_t* to = dst + (bh * W + j) * D;
+          if (qs[3] == 1) {
+            std::copy(from, from + D, to);
+          } else {
+            for (int64_t d = 0; d < D; ++d) to[d] = from[d * qs[3]];
+          }
         }
       }
+    });
+  });
   return {q_kept, kept_t, flat_rows, new_positions, new_valid, new_index};
 }
 
