@@ -190,10 +190,16 @@ def test_unsupported_models_and_options_are_refused(build, error, match):
     assert all(type(m).__name__[:3] != "ATS" for m in model.modules())
 
 
-def test_output_hidden_states_is_refused_while_patched():
+@pytest.mark.parametrize("name", ["output_hidden_states", "output_attentions", "attention_mask", "bool_masked_pos"])
+def test_forward_options_ats_cannot_honour_are_refused_while_patched(name):
+    """Each would silently mean something else on the kept tokens."""
     model = ats_vit.apply(make_hf("vit"), blocks=[1])
-    with pytest.raises(ValueError, match="output_hidden_states is not supported"):
-        model(pixel_values=images("vit", 1), output_hidden_states=True)
+    x = images("vit", 1)
+    values = {"output_hidden_states": True, "output_attentions": True,
+              "attention_mask": torch.ones(1, model.config.num_attention_heads, 65, 65),
+              "bool_masked_pos": torch.zeros(1, 64, dtype=torch.bool)}
+    with pytest.raises(ValueError, match=f"{name} is not supported while ATS is applied"):
+        model(pixel_values=x, **{name: values[name]})
 
 
 def test_timm_path_does_not_import_transformers():

@@ -128,3 +128,56 @@ def test_two_process_training_takes_the_steps_of_one_process(tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training moved the weights
     worst = max(((a[k] - b[k]).abs().max().item(), k) for k in a)
     assert worst[0] <= 1e-4, worst  # AdamW moves each weight by about lr = 1e-3 per step
+
+
+def test_demo_reports_the_counts_and_gmacs_an_independent_count_gives(capsys):
+    """Dense GMACs from torch's flop counter; top-K at 0.6 of the entering tokens keeps exactly
+    round(0.6 n) per block when every token is eligible (random weights)."""
+    import timm
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ats_vit.jobs.demo import DemoOptions, run_demo
+
+    rows = run_demo(DemoOptions(batch_size=2))
+    assert "reduction" in capsys.readouterr().out
+    dense = timm.create_model("deit_small_patch16_224").eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        dense(torch.randn(1, 3, 224, 224))
+    assert [r["dense GMACs"] for r in rows] == [pytest.approx(counter.get_total_flops() / 2e9)] * 3
+    counts, n = [], 196
+    for _ in range(9):
+        n = max(1, round(0.6 * n))
+        counts.append(n)
+    assert rows[2]["tokens kept per ATS block (mean)"] == " ".join(map(str, counts))
+    assert all(r["GMACs/image"] < r["dense GMACs"] for r in rows[1:])
+
+
+def test_finetune_under_bfloat16_autocast_trains_with_finite_losses(tmp_path):
+    from safetensors.torch import load_file
+
+    from ats_vit.jobs.finetune import FinetuneOptions, run_finetune
+
+    rows = run_finetune(FinetuneOptions(num_tokens=0.5, epochs=1, batch_size=32, limit=64, workers=0, lr=1e-3,
+                                        amp="bfloat16", out=str(tmp_path / "run")))
+    assert len(rows) == 1 and torch.isfinite(torch.tensor(rows[0]["train_loss"]))
+    tuned, start = load_file(str(tmp_path / "run" / "last.safetensors")), load_model().state_dict()
+    assert all(torch.isfinite(v).all() for v in tuned.values())
+    assert any(not torch.equal(tuned[k], start[k]) for k in tuned)
+
+
+def test_finetune_on_an_image_folder_trains_its_classes(tiny_checkpoint, image_folder, tmp_path, capsys):
+    """train/ and val/ of class folders, the model's own timm train transform, a 3-class head."""
+    import shutil
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        shutil.copytree(image_folder, data / split)
+    code, _, err = run(["finetune", "--model", str(tiny_checkpoint), "--data", str(data), "--epochs", "1",
+                        "--batch-size", "3", "--workers", "0", "--num-tokens", "0.5", "--out", str(tmp_path / "run")],
+                       capsys)
+    assert code == 0, err
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3]  # 9 images, batches of 3
+    meta = json.loads((tmp_path / "run" / "last.json").read_text())
+    assert meta["model"] == "vit_fmnist_patch2_28"

@@ -214,16 +214,36 @@ def test_training_gradients_match_reference(deit_s64):
         assert torch.allclose(got, want, atol=1e-9, rtol=1e-7), name
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def test_gradient_checkpointing_checkpoints_every_block_and_keeps_the_gradients(monkeypatch):
+    import ats_vit.hosts.patch as patch_module
+
+    calls = []
+    real = patch_module.checkpoint
+    monkeypatch.setattr(patch_module, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
     base = make_vit("deit_small_patch16_224", img_size=64)
     x = images(3, 64)
     grads = []
     for ckpt in (False, True):
+        calls.clear()
         model = patched(base, num_tokens=0.6).train()
         model.set_grad_checkpointing(ckpt)
         model(x).square().mean().backward()
+        assert len(calls) == (len(model.blocks) if ckpt else 0)  # the flag is honoured, block by block
         grads.append(model.blocks[6].attn.qkv.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_drop_path_drops_per_image_not_per_batch():
+    """16 copies of one image in training: stochastic depth decided per image makes their
+    outputs differ; decided once for the batch, all 16 would be equal. In eval all are equal."""
+    model = patched(make_vit("deit_small_patch16_224", img_size=64, drop_path_rate=0.5), num_tokens=0.6)
+    x = images(1, 64).expand(16, -1, -1, -1).contiguous()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        train = model.train()(x)
+        evaluated = model.eval()(x)
+    assert len({tuple(row.tolist()) for row in train}) > 8
+    assert torch.allclose(evaluated, evaluated[:1].expand_as(evaluated), atol=1e-5)
 
 
 def test_selection_is_deterministic_in_training():
