@@ -110,6 +110,22 @@ def test_batch_independence(pool, mode, attention_group):
             assert (alone[0] - batch[b]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+def test_pooled_heads_match_the_per_image_reference(pool, mode):
+    """timm's own forward_head on each image's kept tokens alone (tests/reference.py) against
+    the patched batch, whose padding must take no part in the average or the maximum."""
+    base = make_vit("deit_small_patch16_224", img_size=96, global_pool=pool).double()
+    x = images(4, 96, dtype=torch.float64)
+    model = patched(base, num_tokens=20, mode=mode)
+    with torch.no_grad():
+        batch = model(x)
+        assert len(set(ats_vit.last_stats(model).num_kept[:, -1].tolist())) > 1, "the batch must be padded"
+        for b in range(4):
+            want, _ = reference_forward(base, x[b:b + 1], range(3, 12), 20)
+            assert (batch[b] - want.reshape(-1)).abs().max() <= 1e-9, b
+
+
 @pytest.mark.parametrize("pool", ["token", "avg"])
 def test_packed_and_padded_modes_agree(pool, attention_group):
     group, calls = attention_group
