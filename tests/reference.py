@@ -165,5 +165,9 @@ def reference_rival_forward(model, image: torch.Tensor, blocks, keep_fraction: f
                 positions = [positions[a] for a in rest] + [positions[b] for b in B_idx]
             record[i] = list(positions)
         x = y + blk.ls2(blk.mlp(blk.norm2(y)))
-    logits = model.forward_head(model.norm(x)[None])
-    return logits[0], record
+    x = model.norm(x)
+    if size is not None and model.global_pool == "avg":  # merged tokens weigh the patches they hold
+        weights = torch.tensor([float(w) for w in size[P:]], dtype=x.dtype)[:, None]
+        pooled = (x[P:] * weights).sum(0) / weights.sum()
+        return model.head(model.fc_norm(pooled[None]))[0], record
+    return model.forward_head(x[None])[0], record

@@ -85,6 +85,19 @@ def test_rival_reducers_match_slow_reference_per_image(vit64, kind):
                 assert stats.positions[j][b].tolist() == record[block]
 
 
+def test_tome_average_pooling_weighs_merged_tokens_by_their_size():
+    """With global_pool="avg" a merged token stands for several patches in the average (ToMe's
+    proportional pooling): against the slow per-image reference, which weighs by its own sizes."""
+    base = make_vit("deit_small_patch16_224", img_size=64, global_pool="avg").double()
+    model = ats_vit.apply(copy.deepcopy(base), blocks=(3, 6, 9), num_tokens=0.7, reducer="tome")
+    x = images(2).double()
+    with torch.no_grad():
+        logits = model(x)
+        for b in range(2):
+            expected, _ = reference_rival_forward(base, x[b:b + 1], (3, 6, 9), 0.7, "tome")
+            assert (logits[b] - expected).abs().max() <= 1e-9
+
+
 @pytest.mark.parametrize("kwargs", [dict(reducer="evit", num_tokens=0.6), dict(reducer="tome", num_tokens=0.7),
                                     dict(scorer="cls", num_tokens=0.6), dict(scorer="all_queries", num_tokens=0.6),
                                     dict(sampler="random", num_tokens=0.6)])
