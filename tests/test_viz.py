@@ -5,10 +5,11 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.data import create_transform, resolve_data_config
 
 import ats_vit
 from ats_vit.jobs.loading import eval_transform, read_image
-from ats_vit.jobs.figures import DROPPED_FILL, kept_patch_masks, plot_token_histogram, render_token_maps
+from ats_vit.jobs.figures import DROPPED_FILL, plot_token_histogram, render_token_maps
 from conftest import one_error_line, run
 
 
@@ -63,11 +64,17 @@ def test_viz_command_on_image_files(tiny_checkpoint, image_folder, tmp_path, cap
     with torch.no_grad():
         model(batch)
     stats = ats_vit.last_stats(model)
+    # The expected pictures without the job's helpers: timm's own eval transform with mean 0 and
+    # std 1 gives the model's input in [0, 1]; the masks come straight from the recorded positions.
+    config = resolve_data_config({}, model=model)
+    unnormalised = create_transform(**{**config, "mean": (0.0,), "std": (1.0,)})
     for i, f in enumerate(files):
         png = np.asarray(Image.open(tmp_path / f"{Path(f).stem}_tokens.png").convert("RGB"))
         assert png.shape == (2 * (224 + 14 + 6) + 6, 5 * (224 + 6) + 6, 3)
-        grey = ats_vit.jobs.figures.to_display(batch[i], (0.2860,), (0.3530,))
-        for panel, kept in enumerate([np.ones(196, bool)] + kept_patch_masks(stats, i)):
+        pixels = unnormalised(read_image(f).convert("L"))[0]
+        grey = np.repeat((pixels * 255).round().byte().numpy()[..., None], 3, axis=2)
+        masks = [np.isin(np.arange(196), p[i][p[i] >= 0].numpy()) for p in stats.positions]
+        for panel, kept in enumerate([np.ones(196, bool)] + masks):
             left = 6 + (panel % 5) * 230
             top = 6 + (panel // 5) * 244 + 14
             assert patches_match(png[top:top + 224, left:left + 224], grey, kept, (14, 14), 8)
