@@ -126,6 +126,41 @@ def test_pooled_heads_match_the_per_image_reference(pool, mode):
             assert (batch[b] - want.reshape(-1)).abs().max() <= 1e-9, b
 
 
+def test_variable_length_attention_equals_the_padded_layout(monkeypatch):
+    """The packed layout's attention without padding (flash attention's varlen kernel, CUDA
+    only): its bookkeeping (flat rows, cumulative lengths, longest sequences) checked on the CPU
+    with a per-image reference kernel in the kernel's place, against the released padded layout."""
+    import torch.nn.functional as F
+
+    import ats_vit.core.block as block
+
+    calls = []
+
+    def reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        calls.append(len(cu_q) - 1)
+        assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+        assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q[-1] == len(q) and cu_k[-1] == len(k)
+        return torch.cat([F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:e].transpose(0, 1),
+                                                         v[c:e].transpose(0, 1), scale=scale).transpose(0, 1)
+                          for a, b, c, e in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])])
+
+    monkeypatch.setattr(block, "varlen_attn", reference_kernel)
+    monkeypatch.setattr(block, "VARLEN_DEVICES", ("cuda", "cpu"))
+    base = make_vit("deit3_small_patch16_224", img_size=96)
+    x = images(6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the kernel takes half precision
+        varlen = patched(base, num_tokens=0.9, mode="packed")
+        out = varlen(x)
+        assert len(set(ats_vit.last_stats(varlen).num_kept[:, -1].tolist())) > 1, "the batch must be padded"
+        kept = ats_vit.last_stats(varlen).num_kept
+        assert calls == [6] * 9  # every ATS block; the dense blocks before them hold no padding
+        monkeypatch.setattr(block, "VARLEN_DEVICES", ())
+        padded = patched(base, num_tokens=0.9, mode="padded")
+        reference = padded(x)
+    assert torch.equal(ats_vit.last_stats(padded).num_kept, kept)
+    assert (out.float() - reference.float()).abs().max() <= 0.05 * reference.float().abs().max()
+
+
 @pytest.mark.parametrize("pool", ["token", "avg"])
 def test_packed_and_padded_modes_agree(pool, attention_group):
     group, calls = attention_group

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.varlen import varlen_attn
 from torch.profiler import record_function
 
 from . import native
@@ -24,6 +25,9 @@ SELECT_RANGE = "ats_vit.select"
 # padded attention work by more than GROUPING_MIN_SAVING (each call also gathers its rows).
 ATTENTION_GROUP = 16
 GROUPING_MIN_SAVING = 0.2
+# Devices where a packed batch attends through flash attention's variable-length kernel (no
+# padding at all); PyTorch 2.14 has it on CUDA only.
+VARLEN_DEVICES = ("cuda",)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, dropout_p: float = 0.0,
@@ -66,6 +70,27 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_valid: Optional[Tensor], k_valid: 
     return out
 
 
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, q_counts: Tensor, k_counts: Tensor, scale: float) -> Tensor:
+    """Attention of each image's queries over its own keys, every image packed flat: ``q``
+    (Tq, H, d), ``k`` and ``v`` (Tk, H, d), image after image as ``q_counts`` and ``k_counts``
+    (B,) say; (Tq, H, d) out. One host synchronisation (the longest sequences)."""
+    cu_q, cu_k = (F.pad(c.cumsum(0), (1, 0)).to(torch.int32) for c in (q_counts, k_counts))
+    max_q, max_k = torch.stack([q_counts.max(), k_counts.max()]).tolist()
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
+
+
+def _varlen(attn: AttentionParts, layout: Layout, q: Tensor) -> bool:
+    """Whether a packed batch attends without padding here: the kernel is flash attention's, so
+    half precision only (autocast gives it), and it has no dropout."""
+    return (layout.packed and q.device.type in VARLEN_DEVICES and q.dtype in (torch.float16, torch.bfloat16)
+            and attn.fused and attn.dropout_p == 0.0)
+
+
+def _rows(t: Tensor, layout: Layout) -> Tensor:
+    """(B, H, N, d) -> the real tokens' rows (T, H, d) in the layout's flat order."""
+    return layout.unpad(t.transpose(1, 2))
+
+
 def qkv(attn: AttentionParts, h: Tensor, layout: Layout) -> tuple[Tensor, Tensor, Tensor]:
     """Normed queries, keys and values (B, H, Nmax, hd) of the normed tokens ``h`` (T, C)."""
     B, N = layout.shape
@@ -102,11 +127,16 @@ def dense_block(block: BlockParts, tokens: Tokens) -> Tokens:
     attn, layout = block.attn, tokens.layout
     h = block.norm1(tokens.x)
     q, k, v = qkv(attn, h, layout)
-    if layout.packed and layout.valid is not None and tokens.key_bias is None:
-        out = attend(q, k, v, layout.valid, layout.valid, True, attn.scale, attn.dropout_p, attn.fused)
+    if layout.valid is not None and tokens.key_bias is None and _varlen(attn, layout, q):
+        counts = layout.counts()
+        out = varlen_attention(_rows(q, layout), _rows(k, layout), _rows(v, layout), counts, counts,
+                               attn.scale).flatten(1)
     else:
-        out = sdpa(q, k, v, _key_mask(tokens), attn.scale, attn.dropout_p, attn.fused)
-    out = layout.unpad(out.transpose(1, 2).flatten(2))
+        if layout.packed and layout.valid is not None and tokens.key_bias is None:
+            out = attend(q, k, v, layout.valid, layout.valid, True, attn.scale, attn.dropout_p, attn.fused)
+        else:
+            out = sdpa(q, k, v, _key_mask(tokens), attn.scale, attn.dropout_p, attn.fused)
+        out = layout.unpad(out.transpose(1, 2).flatten(2))
     y = mlp_residual(block, attention_residual(block, tokens.x, h, out, layout), layout)
     return Tokens(y, layout, tokens.positions, tokens.size, tokens.key_bias)
 
@@ -159,9 +189,14 @@ def ats_block(block: BlockParts, tokens: Tokens, num_prefix: int, k: K, sampler:
 
     with record_function(SELECT_RANGE):
         q, new_layout, flat_rows, positions = select(q, keys, v, tokens, num_prefix, attn.scale, k, sampler, scorer)
-    out = attend(q, keys, v, new_layout.valid, layout.valid, layout.packed, attn.scale, attn.dropout_p, attn.fused)
+    if _varlen(attn, layout, q):
+        out = varlen_attention(_rows(q, new_layout), _rows(keys, layout), _rows(v, layout), new_layout.counts(),
+                               layout.counts(), attn.scale).flatten(1)
+    else:
+        out = attend(q, keys, v, new_layout.valid, layout.valid, layout.packed, attn.scale, attn.dropout_p,
+                     attn.fused)
+        out = new_layout.unpad(out.transpose(1, 2).flatten(2))
     gate = torch.index_select(h, 0, flat_rows) if attn.gate is not None else None
-    out = new_layout.unpad(out.transpose(1, 2).flatten(2))
     x = attention_residual(block, torch.index_select(tokens.x, 0, flat_rows), gate, out, new_layout)
     return Tokens(mlp_residual(block, x, new_layout), new_layout, positions)
 
