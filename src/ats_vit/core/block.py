@@ -127,16 +127,17 @@ def dense_block(block: BlockParts, tokens: Tokens) -> Tokens:
     attn, layout = block.attn, tokens.layout
     h = block.norm1(tokens.x)
     q, k, v = qkv(attn, h, layout)
-    if layout.valid is not None and tokens.key_bias is None and _varlen(attn, layout, q):
+    padded = layout.valid is not None and tokens.key_bias is None  # padding keys, no bias to add
+    if padded and _varlen(attn, layout, q):
         counts = layout.counts()
         out = varlen_attention(_rows(q, layout), _rows(k, layout), _rows(v, layout), counts, counts,
                                attn.scale).flatten(1)
+    elif padded and layout.packed:
+        out = layout.unpad(attend(q, k, v, layout.valid, layout.valid, True, attn.scale, attn.dropout_p,
+                                  attn.fused).transpose(1, 2).flatten(2))
     else:
-        if layout.packed and layout.valid is not None and tokens.key_bias is None:
-            out = attend(q, k, v, layout.valid, layout.valid, True, attn.scale, attn.dropout_p, attn.fused)
-        else:
-            out = sdpa(q, k, v, _key_mask(tokens), attn.scale, attn.dropout_p, attn.fused)
-        out = layout.unpad(out.transpose(1, 2).flatten(2))
+        out = layout.unpad(sdpa(q, k, v, _key_mask(tokens), attn.scale, attn.dropout_p,
+                                attn.fused).transpose(1, 2).flatten(2))
     y = mlp_residual(block, attention_residual(block, tokens.x, h, out, layout), layout)
     return Tokens(y, layout, tokens.positions, tokens.size, tokens.key_bias)
 

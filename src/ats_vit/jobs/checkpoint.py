@@ -53,9 +53,13 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> None:
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in checkpoint.weights.items()}, str(folder / _MODEL))
     torch.save(checkpoint.state, folder / _STATE)
-    (folder / _ROWS).write_text("".join(json.dumps(row) + "\n" for row in checkpoint.rows))
+    (folder / _ROWS).write_text(_jsonl(checkpoint.rows))
     write_json(out_dir / MANIFEST, {"epoch": checkpoint.epoch, "folder": folder.name})  # the commit
     publish(out_dir, checkpoint)
+
+
+def _jsonl(rows: List[Dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 def publish(out_dir: Path, checkpoint: Checkpoint) -> None:
@@ -68,7 +72,7 @@ def publish(out_dir: Path, checkpoint: Checkpoint) -> None:
     writer.writeheader()
     writer.writerows(checkpoint.rows)
     save_atomic(lambda tmp: Path(tmp).write_text(text.getvalue()), out_dir / LOG)
-    save_atomic(lambda tmp: Path(tmp).write_text((folder / _ROWS).read_text()), out_dir / LOG_JSONL)
+    save_atomic(lambda tmp: Path(tmp).write_text(_jsonl(checkpoint.rows)), out_dir / LOG_JSONL)
     for stale in out_dir.glob(f"{_FOLDER_PREFIX}*"):
         if stale != folder:
             shutil.rmtree(stale)
