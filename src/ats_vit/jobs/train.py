@@ -1,4 +1,4 @@
-"""The ``ats-vit train`` command: train the bundled Fashion-MNIST ViT from scratch (seeded,
+"""The ``ats-vit train`` command: train a bundled Fashion-MNIST ViT from scratch (seeded,
 logged, checkpointed, resumable)."""
 from __future__ import annotations
 
@@ -13,20 +13,23 @@ import timm
 import torch
 from torch.utils.data import Subset
 
-from ..zoo import FMNIST_MODEL
+from ..zoo import BUNDLED, FMNIST_MODEL
 from .checkpoint import WEIGHTS, check_run_folder, claim_run_folder
 from .data import fashion_mnist
 from .distributed import Dist
-from .options import BATCH_SIZE, LIMIT, OUT, RESUME, SEED, Option, check_options, writable_folder
+from .options import BATCH_SIZE, LIMIT, OUT, RESUME, SEED, Option, check_options, one_of, writable_folder
 from .report import machine, save_atomic, write_json
 from .training import EPOCHS, LR, TrainConfig, fit
 
 DATA_ROOT = Option("--data-root", help="where Fashion-MNIST is staged (default ~/.cache/ats-vit/data)",
                    check=writable_folder)
+ARCH = Option("--model", help="which bundled architecture to train: " + ", ".join(BUNDLED),
+              check=one_of(lambda: tuple(BUNDLED)))
 
 
 @dataclass
 class TrainOptions:
+    model: str = ARCH(FMNIST_MODEL)
     epochs: int = EPOCHS(9)
     batch_size: int = BATCH_SIZE(128)
     lr: float = LR(1.5e-3)
@@ -43,15 +46,15 @@ def run_train(options: TrainOptions) -> dict:
     check_options(options)
     out = Path(options.out)
     config = TrainConfig(epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, seed=options.seed)
-    identity = {"job": "train", "limit": options.limit or 0, **vars(config)}
-    weights, meta_path = out / f"{FMNIST_MODEL}.safetensors", out / f"{FMNIST_MODEL}.json"
+    identity = {"job": "train", "model": options.model, "limit": options.limit or 0, **vars(config)}
+    weights, meta_path = out / f"{options.model}.safetensors", out / f"{options.model}.json"
     saved = check_run_folder(out, identity, options.resume, done=meta_path)
     train_set, test_set = fashion_mnist(True, options.data_root), fashion_mnist(False, options.data_root)
     if options.limit:
         train_set = Subset(train_set, range(options.limit))
         test_set = Subset(test_set, range(min(options.limit, len(test_set))))
     torch.manual_seed(options.seed)
-    model = timm.create_model(FMNIST_MODEL, pretrained=False)
+    model = timm.create_model(options.model, pretrained=False)
     config.check(torch.device("cpu"), Dist(), len(train_set))
     if saved is None:
         claim_run_folder(out, identity, Dist())
@@ -60,7 +63,7 @@ def run_train(options: TrainOptions) -> dict:
                   on_epoch=lambda row: print(json.dumps(row), flush=True))
     save_atomic(lambda tmp: shutil.copyfile(out / WEIGHTS, tmp), weights)
     meta = {
-        "model": FMNIST_MODEL, "command": options.command, "seed": options.seed,
+        "model": options.model, "command": options.command, "seed": options.seed,
         "epochs": options.epochs, "train_images": len(train_set), "test_images": len(test_set),
         "wall_seconds": round(time.time() - start, 1), "test_top1": history[-1]["test_top1"],
         "config": vars(config), **machine("cpu"), "timm": timm.__version__,
@@ -71,4 +74,4 @@ def run_train(options: TrainOptions) -> dict:
 
 
 COMMAND = dict(name="train", options=TrainOptions, run=run_train,
-               help="train the bundled Fashion-MNIST ViT (seeded, logged, checkpointed)")
+               help="train a bundled Fashion-MNIST ViT (seeded, logged, checkpointed)")
