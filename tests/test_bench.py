@@ -10,35 +10,64 @@ from conftest import one_error_line, run
 from reference import make_vit
 
 
+GROUP = 6  # dense, ATS packed, ATS padded, top-K, ToMe, bound
+
+
 def test_bench_bundled_model_reports_every_column(tmp_path, capsys):
-    code, out, err = run(["bench", "--case", "bundled", "--batch-sizes", "1,4", "--dtypes", "float32,bfloat16",
+    code, out, err = run(["bench", "--case", "bundled", "--batch-sizes", "1,3", "--dtypes", "float32,bfloat16",
                           "--warmup", "1", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert len(rows) == 2 * 2 * 4  # dtypes x batch sizes x (dense, packed, padded, bound)
+    assert len(rows) == 2 * 2 * GROUP  # dtypes x batch sizes x methods
     for r in rows:
         assert r["runs"] == 10 and r["images_per_s"] > 0 and r["peak_mb"] > 0
         assert r["realisation"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
         assert r["ideal_speedup"] == pytest.approx(rows[0]["gmacs"] / r["gmacs"])
         if r["method"] != "dense":
             assert len(r["tokens_per_ats_block"]) == 9 and r["gmacs"] < rows[0]["gmacs"]
-            assert 0 < r["selection_share"] < 1 or (r["method"] == BOUND_LABEL and r["selection_share"] == 0)
+        if r["method"].startswith(("ATS", "top-K")):
+            assert 0 < r["selection_share"] < 1
     packed = [r for r in rows if r["method"].endswith("packed")]
     padded = [r for r in rows if r["method"].endswith("padded")]
     assert [r["gmacs"] for r in packed] == [r["gmacs"] for r in padded]  # same images, same tokens
     for r in rows:
         assert r["latency_p90_ms"] >= r["latency_ms"] > 0
         assert r["latency_ms"] == pytest.approx(1000 * r["batch"] / r["images_per_s"])
-    for group in (rows[i:i + 4] for i in range(0, len(rows), 4)):  # dense, packed, padded, bound
-        bound = group[3]
+    for group in (rows[i:i + GROUP] for i in range(0, len(rows), GROUP)):
+        dense, ats, _, topk, tome, bound = group
+        assert [r["method"] for r in group[3:5]] == ["top-K 3-11 at ATS's GMACs", "ToMe 3-11 at ATS's GMACs"]
+        assert group[5]["method"] == BOUND_LABEL and bound["selection_share"] == 0
         for r in group[1:3]:
             assert r["of_bound"] == pytest.approx(r["realisation"] / bound["realisation"])
-        assert "of_bound" not in group[0] and "of_bound" not in bound
+        assert not any("of_bound" in r for r in (dense, topk, tome, bound))
+        for rival in (topk, tome):  # matched on the first images' mean GMACs; ToMe's steps are whole tokens
+            assert rival["gmacs"] == pytest.approx(packed[-1]["gmacs"], rel=0.05)
     assert "realisation" in out and "ATS / bound" in out and "p90 ms" in out
 
 
+def test_bench_deit_s_case_cuts_dense_gmacs_by_the_reduction(tmp_path, capsys):
+    """DeiT-S shape at 224 (random weights): dense GMACs as torch's flop counter counts them, and
+    ATS's budget at --reduction of them."""
+    import timm
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    code, out, err = run(["bench", "--case", "deit_s", "--batch-sizes", "1", "--dtypes", "float32", "--rivals",
+                          "none", "--reduction", "0.3", "--warmup", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    dense, packed, padded, bound = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    with torch.device("meta"):
+        model = timm.create_model("deit_small_patch16_224")
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    assert dense["gmacs"] == pytest.approx(counter.get_total_flops() / 2e9, rel=1e-6)
+    assert packed["gmacs"] == pytest.approx(0.7 * dense["gmacs"], rel=0.02)
+    assert packed["method"] == "ATS 3-11 -30.0% packed" and len(packed["tokens_per_ats_block"]) == 9
+    assert bound["method"] == BOUND_LABEL
+
+
 @pytest.mark.parametrize("args,match", [(["--repeats", "5"], "--repeats"), (["--dtypes", "float16x"], "--dtypes"),
-                                        (["--case", "resnet"], "--case")])
+                                        (["--case", "resnet"], "--case"), (["--rivals", "evit"], "--rivals")])
 def test_bench_bad_input(args, match, capsys):
     code, _, err = run(["bench", "--batch-sizes", "1", *args], capsys)
     assert code == 2 and match in err and one_error_line(err)

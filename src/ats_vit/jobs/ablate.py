@@ -3,14 +3,14 @@ through the ``eval`` job."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 from torch import nn
 
-from ..hosts import default_blocks, validate
+from ..hosts import default_blocks
 from .eval import CompareOptions, run_eval
-from .evaluation import DENSE, Method, budget_for, image_gmacs
+from .evaluation import DENSE, Method, budget_for, image_gmacs, refusal
 from .options import OUT
 
 
@@ -35,7 +35,7 @@ def ablation_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
         Method("", f"EViT {span}", late, reducer="evit"),
         Method("", f"ToMe {span}", late, reducer="tome"),
     ]
-    refused = {v.family: _refusal(model, v) for v in variants}
+    refused = {v.family: refusal(model, v) for v in variants}
     for family, reason in refused.items():
         if reason:
             progress(f"skipping {family}: {reason}")
@@ -47,15 +47,6 @@ def ablation_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
             progress(f"finding the budget of {v.family} for {r:.0%} fewer GMACs")
             methods.append(budget_for(model, v, images, (1 - r) * dense, batch_size, f"{v.family} -{r:.0%}")[0])
     return methods
-
-
-def _refusal(model: nn.Module, method: Method) -> Optional[str]:
-    """Why ``model`` cannot run ``method`` (apply's error), or None."""
-    try:
-        validate(model, **method.patch_arguments())
-    except (ValueError, TypeError) as e:
-        return str(e)
-    return None
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""The ``ats-vit bench`` command: model-only throughput of dense against ATS (packed and padded),
-and how much of the ideal speed-up (dense GMACs over ATS GMACs) turns into wall-clock time: the
-realisation ratio."""
+"""The ``ats-vit bench`` command: model-only throughput of dense against ATS (packed and padded)
+and the rivals top-K and ToMe at ATS's GMACs, and how much of the ideal speed-up (dense GMACs over
+a method's GMACs) turns into wall-clock time: the realisation ratio."""
 from __future__ import annotations
 
 import copy
@@ -16,21 +16,22 @@ from torch import nn
 from ..core.block import SELECT_RANGE
 from ..hosts import cost_model, default_blocks, last_stats
 from .errors import UserError
-from .evaluation import DENSE, Method, budget_for, configured_copies, image_gmacs
+from .evaluation import DENSE, Method, budget_for, configured_copies, image_gmacs, mean_gmacs, refusal
 from .options import DEFAULT_DEVICE, DEVICE, OUT, Option, at_least, check_options, comma_list, one_of
 from .report import format_table, machine, write_json
 from .timing import Speed, compare_throughput, peak_forward_bytes, range_share
 
 BOUND_LABEL = "bound: dense blocks at ATS's counts"
 
-CASES = ("deit_s", "deit_ti", "bundled", "cvt13")
+CASES = ("deit_s", "deit_ti", "deit_b", "bundled", "cvt13")
 DEFAULT_CASES = ("deit_s", "deit_ti", "bundled")
-SHAPES = {"deit_s": "deit_small_patch16_224", "deit_ti": "deit_tiny_patch16_224"}
+SHAPES = {"deit_s": "deit_small_patch16_224", "deit_ti": "deit_tiny_patch16_224", "deit_b": "deit_base_patch16_224"}
+RIVALS = {"topk": dict(family="top-K", sampler="topk"), "tome": dict(family="ToMe", reducer="tome")}
 CVT_REDUCTION = 1 - 3.2 / 4.5  # the paper's CvT-13 budget: 4.5 -> 3.2 GFLOPs
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
-CASE = Option("--case", comma_list(str), "deit_s, deit_ti (DeiT-S, DeiT-Ti shape at 224, random weights, ATS "
+CASE = Option("--case", comma_list(str), "deit_s, deit_ti, deit_b (DeiT-S, -Ti, -B shape at 224, random weights, ATS "
               "in blocks 3-11 at --reduction), bundled (Fashion-MNIST "
               "ViT, real images), cvt13 (transformers CvT-13 at 224, random weights, ATS at the paper's -29%%; "
               "needs ats-vit[hf])", check=one_of(lambda: list(CASES)))
@@ -39,7 +40,10 @@ DTYPE_NAMES = Option("--dtypes", comma_list(str), check=one_of(lambda: list(DTYP
 COMPILE = Option("--compile", help="time torch.compile'd models", switch=True)
 WARMUP = Option("--warmup", int, check=at_least(1))
 REPEATS = Option("--repeats", int, "timed rounds (>= 10 for a median worth reporting)", check=at_least(10))
-REDUCTION = Option("--reduction", float, "GMACs reduction of the deit_s and deit_ti ATS budget",
+RIVAL_NAMES = Option("--rivals", comma_list(str), "reducers timed at ATS's GMACs beside it: topk, tome, or none",
+                     check=lambda v: None if v == ["none"] or set(v) <= set(RIVALS)
+                     else f"must be 'none' or some of {list(RIVALS)}")
+REDUCTION = Option("--reduction", float, "GMACs reduction of the DeiT-shape cases' ATS budget",
                    check=lambda v: None if 0 < v < 1 else "must be a GMACs reduction in (0, 1)")
 
 
@@ -49,6 +53,7 @@ class BenchOptions:
     batch_sizes: List[int] = BATCH_SIZES([1, 8, 64])
     dtypes: List[str] = DTYPE_NAMES(["float32", "bfloat16"])
     compile: bool = COMPILE(False)
+    rivals: List[str] = RIVAL_NAMES(list(RIVALS))
     warmup: int = WARMUP(3)
     repeats: int = REPEATS(10)
     reduction: float = REDUCTION(0.375)
@@ -94,7 +99,8 @@ def _case(name: str, options: BenchOptions, device: torch.device):
 def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, dtype: Optional[torch.dtype],
              options: BenchOptions) -> List[Dict]:
     """One row per method, timed in interleaved rounds on copies of ``model``; the first method is
-    the baseline of the speed-ups, each the median of the rounds' paired time ratios."""
+    the baseline of the speed-ups, each the median of the rounds' paired time ratios. ``methods``
+    are dense, ATS packed, ATS padded, then any rivals; a ViT adds the bound at ATS's counts."""
     autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else nullcontext()
     with configured_copies(model, methods) as models, autocast:
         bound = None
@@ -121,7 +127,7 @@ def _measure(model: nn.Module, methods: Sequence[Method], batch: torch.Tensor, d
         row["ideal_speedup"] = rows[0]["gmacs"] / row["gmacs"]
         row["realisation"] = row["speedup"] / row["ideal_speedup"]
     if bound is not None:  # how much of what the kernels allow at ATS's counts ATS gets
-        for row in rows[1:-1]:
+        for row in rows[1:3]:  # ATS packed and padded
             row["of_bound"] = row["realisation"] / rows[-1]["realisation"]
     return rows
 
@@ -178,7 +184,7 @@ def run_bench(options: BenchOptions) -> List[Dict]:
     for case in options.cases:
         model, pool, ats = _case(case, options, device)
         methods = [DENSE, replace(ats, label=f"{ats.label} packed", mode="packed"),
-                   replace(ats, label=f"{ats.label} padded", mode="padded")]
+                   replace(ats, label=f"{ats.label} padded", mode="padded"), *_rivals(model, ats, pool, options)]
         for dtype in options.dtypes:
             for bs in options.batch_sizes:
                 for row in _measure(model, methods, pool[:bs], DTYPES[dtype], options):
@@ -187,6 +193,24 @@ def run_bench(options: BenchOptions) -> List[Dict]:
                           f"speed-up {row['speedup']:.2f} of ideal {row['ideal_speedup']:.2f}", flush=True)
     _report(rows, options)
     return rows
+
+
+def _rivals(model: nn.Module, ats: Method, pool: torch.Tensor, options: BenchOptions) -> List[Method]:
+    """The ``--rivals`` in ATS's blocks, each at the mean GMACs ATS has on the pool (those the
+    model cannot run are said and left out)."""
+    names = [] if options.rivals == ["none"] else options.rivals
+    target = mean_gmacs(model, ats, pool, len(pool))
+    span = f"{ats.blocks[0]}-{ats.blocks[-1]}"
+    methods = []
+    for name in names:
+        rival = Method("", f"{RIVALS[name]['family']} {span}", ats.blocks,
+                       **{k: v for k, v in RIVALS[name].items() if k != "family"})
+        reason = refusal(model, rival)
+        if reason:
+            print(f"skipping {rival.family}: {reason}", flush=True)
+            continue
+        methods.append(budget_for(model, rival, pool, target, len(pool), f"{rival.family} at ATS's GMACs")[0])
+    return methods
 
 
 def _report(rows: List[Dict], options: BenchOptions) -> None:
@@ -214,4 +238,4 @@ def _report(rows: List[Dict], options: BenchOptions) -> None:
 
 
 COMMAND = dict(name="bench", options=BenchOptions, run=run_bench,
-               help="model-only throughput: dense vs ATS packed vs ATS padded, realisation ratio")
+               help="model-only throughput: dense, ATS packed and padded, top-K and ToMe at ATS's GMACs; realisation")

@@ -55,6 +55,15 @@ def _as_user_error() -> Iterator[None]:
         raise UserError(f"{e} (from --blocks/--num-tokens/--sampler)") from None
 
 
+def refusal(model: nn.Module, method: Method) -> Optional[str]:
+    """Why ``model`` cannot run ``method`` (apply's error), or None."""
+    try:
+        validate(model, **method.patch_arguments())
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
 def check_method(model: nn.Module, method: Method) -> None:
     """Refuse, as the user's error, a method ``model`` cannot run; the model is not touched."""
     with _as_user_error():
