@@ -128,3 +128,27 @@ def test_torch_compile_gives_the_same_outputs():
         compiled = torch.compile(model, backend="aot_eager")(x)
     assert torch.allclose(eager, compiled, atol=1e-5)
     assert ats_vit.last_stats(model).num_kept.shape == (4, 9)
+
+
+def test_bench_compile_times_the_compiled_models(tmp_path, capsys, monkeypatch):
+    """--compile runs every timed model through torch.compile (here with a recording backend,
+    not inductor, to stay fast): each one is compiled and its graphs are what runs."""
+    compiled, graphs = [], []
+    real_compile = torch.compile
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def recording_compile(model):
+        compiled.append(model)
+        return real_compile(model, backend=backend)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    code, _, err = run(["bench", "--case", "bundled", "--batch-sizes", "2", "--dtypes", "float32", "--rivals", "none",
+                        "--compile", "--warmup", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["machine"]["compile"] is True
+    assert len(compiled) == len(result["rows"]) == 4  # dense, packed, padded, bound
+    assert len(graphs) >= 4

@@ -320,3 +320,32 @@ def test_bfloat16_autocast_trains_without_nan():
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert (ats_vit.last_stats(model).num_kept[:, -1] < 16).all()
+
+
+def test_bfloat16_autocast_logits_match_float64_on_the_tokens_it_kept(deit_s64):
+    """Under bfloat16 autocast each image's logits are those of the float64 reference run on the
+    tokens the bfloat16 model kept, up to bfloat16's rounding (measured on the dense model: the
+    ATS error may not exceed twice the dense model's own bfloat16 error)."""
+    dense = copy.deepcopy(deit_s64).float()
+    model = patched(dense, num_tokens=60)
+    x = images(3, 224)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, dense_logits = model(x).double(), dense(x).double()
+    with torch.no_grad():
+        dense_error = (dense_logits - deit_s64(x.double())).abs().max()
+    stats = ats_vit.last_stats(model)
+    for b in range(3):
+        recorded = iter([p for p in stats.kept_positions(b, block)] for block in range(3, 12))
+        current = list(range(196))
+
+        def replay(scores, k):  # keep exactly what the bfloat16 model kept, as indices into the current tokens
+            nonlocal current
+            wanted = next(recorded)
+            keep = [current.index(p) for p in wanted]
+            current = wanted
+            return keep
+
+        with torch.no_grad():
+            want, _ = reference_forward(deit_s64, x[b:b + 1].double(), range(3, 12), 60, rule=replay)
+        assert (logits[b] - want).abs().max() <= 2 * dense_error
+    assert dense_error > 1e-3  # bfloat16 did round: the tolerance is not float32's
