@@ -44,3 +44,24 @@ def test_varlen_packed_equals_padded_without_nan(dtype):
     same = (ats_vit.last_stats(padded).num_kept == kept).all(dim=1)
     assert same.sum() >= 12
     assert (out[same] - reference[same]).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_ats_waits_for_the_device_once_per_ats_block():
+    """torch.cuda's sync debug mode warns at every synchronising call: a packed bfloat16 forward
+    with three ATS blocks (flash varlen attention after them) may wait at most three times."""
+    import warnings
+
+    model = ats_vit.apply(make_vit("deit_small_patch16_224", img_size=96).cuda(), num_tokens=40, blocks=[3, 5, 8])
+    x = torch.randn(16, 3, 96, 96, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x)  # warm-up: lazy initialisation may synchronise
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 3, [str(w.message) for w in syncs]

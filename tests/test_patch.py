@@ -126,39 +126,94 @@ def test_pooled_heads_match_the_per_image_reference(pool, mode):
             assert (batch[b] - want.reshape(-1)).abs().max() <= 1e-9, b
 
 
+def reference_varlen(calls: list):
+    """flash varlen attention's stand-in on the CPU: each image's queries over its own keys by
+    SDPA, checking the bookkeeping (int32 cumulative lengths, maxima) and recording the batch."""
+    import torch.nn.functional as F
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        cq, ck = cu_q.tolist(), cu_k.tolist()  # (tolist reads without a dispatched op)
+        calls.append(len(cq) - 1)
+        assert max_q == max(b - a for a, b in zip(cq, cq[1:])) and max_k == max(b - a for a, b in zip(ck, ck[1:]))
+        assert cu_q.dtype == cu_k.dtype == torch.int32 and cq[-1] == len(q) and ck[-1] == len(k)
+        return torch.cat([F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:e].transpose(0, 1),
+                                                         v[c:e].transpose(0, 1), scale=scale).transpose(0, 1)
+                          for a, b, c, e in zip(cq, cq[1:], ck, ck[1:])])
+    return kernel
+
+
 def test_variable_length_attention_equals_the_padded_layout(monkeypatch):
     """The packed layout's attention without padding (flash attention's varlen kernel, CUDA
     only): its bookkeeping (flat rows, cumulative lengths, longest sequences) checked on the CPU
     with a per-image reference kernel in the kernel's place, against the released padded layout."""
-    import torch.nn.functional as F
-
     import ats_vit.core.block as block
 
     calls = []
-
-    def reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
-        calls.append(len(cu_q) - 1)
-        assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
-        assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q[-1] == len(q) and cu_k[-1] == len(k)
-        return torch.cat([F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:e].transpose(0, 1),
-                                                         v[c:e].transpose(0, 1), scale=scale).transpose(0, 1)
-                          for a, b, c, e in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])])
-
-    monkeypatch.setattr(block, "varlen_attn", reference_kernel)
+    monkeypatch.setattr(block, "varlen_attn", reference_varlen(calls))
     monkeypatch.setattr(block, "VARLEN_DEVICES", ("cuda", "cpu"))
     base = make_vit("deit3_small_patch16_224", img_size=96)
     x = images(6)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the kernel takes half precision
-        varlen = patched(base, num_tokens=0.9, mode="packed")
+        varlen = patched(base, num_tokens=0.9, blocks=[3, 5, 8], mode="packed")
         out = varlen(x)
         assert len(set(ats_vit.last_stats(varlen).num_kept[:, -1].tolist())) > 1, "the batch must be padded"
         kept = ats_vit.last_stats(varlen).num_kept
-        assert calls == [6] * 9  # every ATS block; the dense blocks before them hold no padding
+        assert calls == [6] * 9  # ATS blocks 3, 5, 8 and the dense blocks after the first (those before hold no padding)
         monkeypatch.setattr(block, "VARLEN_DEVICES", ())
-        padded = patched(base, num_tokens=0.9, mode="padded")
+        padded = patched(base, num_tokens=0.9, blocks=[3, 5, 8], mode="padded")
         reference = padded(x)
     assert torch.equal(ats_vit.last_stats(padded).num_kept, kept)
     assert (out.float() - reference.float()).abs().max() <= 0.05 * reference.float().abs().max()
+
+
+def test_off_the_cpu_the_bookkeeping_reads_the_device_once_per_ats_block(monkeypatch):
+    """On an accelerator every read of a device value waits for the device. The path a GPU takes
+    (selection in PyTorch operations, samplers that keep a width known from the shapes, flash
+    varlen attention) is run on the CPU with the CPU's exemptions switched off: in the whole
+    forward the only reads are one per ATS block (host_values), no op that syncs on CUDA runs
+    (item, nonzero, boolean indexing), and the picks and logits equal the CPU path's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import ats_vit.core.block as block
+    import ats_vit.core.sampling as sampling
+    import ats_vit.core.tokens as tokens
+    from ats_vit.core import native
+
+    syncing = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default, torch.ops.aten.is_nonzero.default}
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            bool_index = func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1])
+            if func in syncing or bool_index:
+                self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    base = make_vit("deit3_small_patch16_224", img_size=96)
+    x = images(6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu = patched(base, num_tokens=40, blocks=[3, 5, 8], mode="packed")
+        want = cpu(x)
+    reads = []
+    monkeypatch.setattr(block, "varlen_attn", reference_varlen([]))
+    monkeypatch.setattr(block, "VARLEN_DEVICES", ("cpu",))
+    monkeypatch.setattr(sampling, "HOST_DEVICES", ())
+    monkeypatch.setattr(native, "available", lambda: False)
+    for module in (sampling, tokens):
+        monkeypatch.setattr(module, "host_values", lambda t, real=tokens.host_values: reads.append(t) or real(t))
+    device_path = patched(base, num_tokens=40, blocks=[3, 5, 8], mode="packed")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Syncs() as syncs:
+        out = device_path(x)
+    assert syncs.seen == [] and len(reads) == 3
+    stats, want_stats = ats_vit.last_stats(device_path), ats_vit.last_stats(cpu)
+    assert len(set(stats.num_kept[:, 0].tolist())) > 1, "the batch must be padded"
+    assert all(torch.equal(a, b) for a, b in zip(stats.positions, want_stats.positions))
+    assert (out.float() - want.float()).abs().max() <= 0.05 * want.float().abs().max()
 
 
 @pytest.mark.parametrize("pool", ["token", "avg"])

@@ -32,6 +32,23 @@ def test_sampler_matches_slow_rule(sampler, slow, k, zero_fraction):
     assert index.shape[1] == max(len(r) for r in as_lists(index))
 
 
+@pytest.mark.parametrize("k", [3, 20, 64, torch.tensor([1, 4, 9, 30, 50, 2])])
+@pytest.mark.parametrize("sampler,slow", [(inverse_transform_sampling, slow_its), (topk_sampling, slow_topk)])
+def test_off_the_cpu_samplers_keep_the_full_width_without_reading_the_device(sampler, slow, k, monkeypatch):
+    """Where a host read waits for the device, the built-in samplers answer (B, n), padded with
+    -1, with the same picks as the slow rule (the CPU's exemptions switched off: the PyTorch
+    path and no native op)."""
+    import ats_vit.core.sampling as sampling
+    from ats_vit.core import native
+
+    scores = random_scores(6, 30, 0.2, seed=2)
+    monkeypatch.setattr(sampling, "HOST_DEVICES", ())
+    monkeypatch.setattr(native, "available", lambda: False)
+    index = sampler(scores, k)
+    ks = k.tolist() if isinstance(k, torch.Tensor) else [k] * 6
+    assert index.shape == (6, 30) and as_lists(index) == [slow(r.tolist(), kk) for r, kk in zip(scores, ks)]
+
+
 @pytest.mark.parametrize("sampler,slow", [(inverse_transform_sampling, slow_its), (topk_sampling, slow_topk)])
 def test_per_row_num_samples(sampler, slow):
     scores = random_scores(5, 30, 0.2, seed=1)

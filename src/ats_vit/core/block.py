@@ -70,19 +70,21 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_valid: Optional[Tensor], k_valid: 
     return out
 
 
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, q_counts: Tensor, k_counts: Tensor, scale: float) -> Tensor:
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, q_counts: Tensor, k_counts: Tensor, max_q: int, max_k: int,
+                     scale: float) -> Tensor:
     """Attention of each image's queries over its own keys, every image packed flat: ``q``
     (Tq, H, d), ``k`` and ``v`` (Tk, H, d), image after image as ``q_counts`` and ``k_counts``
-    (B,) say; (Tq, H, d) out. One host synchronisation (the longest sequences)."""
+    (B,) say, at most ``max_q`` and ``max_k`` each (known from the layouts' shapes: no host
+    read); (Tq, H, d) out."""
     cu_q, cu_k = (F.pad(c.cumsum(0), (1, 0)).to(torch.int32) for c in (q_counts, k_counts))
-    max_q, max_k = torch.stack([q_counts.max(), k_counts.max()]).tolist()
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
 
 
-def _varlen(attn: AttentionParts, layout: Layout, q: Tensor) -> bool:
-    """Whether a packed batch attends without padding here: the kernel is flash attention's, so
-    half precision only (autocast gives it), and it has no dropout."""
-    return (layout.packed and q.device.type in VARLEN_DEVICES and q.dtype in (torch.float16, torch.bfloat16)
+def _varlen(attn: AttentionParts, layout: Layout, t: Tensor) -> bool:
+    """Whether a packed batch attends without padding here, given its queries or projection
+    ``t``: the kernel is flash attention's, so half precision only (autocast gives it), and it
+    has no dropout."""
+    return (layout.packed and t.device.type in VARLEN_DEVICES and t.dtype in (torch.float16, torch.bfloat16)
             and attn.fused and attn.dropout_p == 0.0)
 
 
@@ -91,11 +93,20 @@ def _rows(t: Tensor, layout: Layout) -> Tensor:
     return layout.unpad(t.transpose(1, 2))
 
 
+def split_heads(attn: AttentionParts, projected: Tensor, layout: Optional[Layout]) -> tuple[Tensor, Tensor, Tensor]:
+    """Normed queries, keys and values from the tokens' qkv projection (T, 3C): padded
+    (B, H, Nmax, hd) in ``layout``, or row by row (T, H, hd) for ``layout`` None."""
+    if layout is None:
+        q, k, v = projected.view(projected.shape[0], 3, attn.num_heads, attn.head_dim).unbind(1)
+    else:
+        B, N = layout.shape
+        q, k, v = layout.pad(projected).view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
 def qkv(attn: AttentionParts, h: Tensor, layout: Layout) -> tuple[Tensor, Tensor, Tensor]:
     """Normed queries, keys and values (B, H, Nmax, hd) of the normed tokens ``h`` (T, C)."""
-    B, N = layout.shape
-    q, k, v = layout.pad(attn.project(h)).view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return attn.q_norm(q), attn.k_norm(k), v
+    return split_heads(attn, attn.project(h), layout)
 
 
 def attention_residual(block: BlockParts, x: Tensor, h: Optional[Tensor], out: Tensor, layout: Layout) -> Tensor:
@@ -126,16 +137,18 @@ def dense_block(block: BlockParts, tokens: Tokens) -> Tokens:
     """The block on every token; padding keys are hidden from its attention."""
     attn, layout = block.attn, tokens.layout
     h = block.norm1(tokens.x)
-    q, k, v = qkv(attn, h, layout)
+    projected = attn.project(h)
     padded = layout.valid is not None and tokens.key_bias is None  # padding keys, no bias to add
-    if padded and _varlen(attn, layout, q):
-        counts = layout.counts()
-        out = varlen_attention(_rows(q, layout), _rows(k, layout), _rows(v, layout), counts, counts,
+    if padded and _varlen(attn, layout, projected):  # the packed rows as they are: no padding
+        counts, longest = layout.counts(), layout.shape[1]
+        out = varlen_attention(*split_heads(attn, projected, None), counts, counts, longest, longest,
                                attn.scale).flatten(1)
     elif padded and layout.packed:
+        q, k, v = split_heads(attn, projected, layout)
         out = layout.unpad(attend(q, k, v, layout.valid, layout.valid, True, attn.scale, attn.dropout_p,
                                   attn.fused).transpose(1, 2).flatten(2))
     else:
+        q, k, v = split_heads(attn, projected, layout)
         out = layout.unpad(sdpa(q, k, v, _key_mask(tokens), attn.scale, attn.dropout_p,
                                 attn.fused).transpose(1, 2).flatten(2))
     y = mlp_residual(block, attention_residual(block, tokens.x, h, out, layout), layout)
@@ -192,7 +205,7 @@ def ats_block(block: BlockParts, tokens: Tokens, num_prefix: int, k: K, sampler:
         q, new_layout, flat_rows, positions = select(q, keys, v, tokens, num_prefix, attn.scale, k, sampler, scorer)
     if _varlen(attn, layout, q):
         out = varlen_attention(_rows(q, new_layout), _rows(keys, layout), _rows(v, layout), new_layout.counts(),
-                               layout.counts(), attn.scale).flatten(1)
+                               layout.counts(), new_layout.shape[1], layout.shape[1], attn.scale).flatten(1)
     else:
         out = attend(q, keys, v, new_layout.valid, layout.valid, layout.packed, attn.scale, attn.dropout_p,
                      attn.fused)

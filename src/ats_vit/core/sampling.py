@@ -1,30 +1,33 @@
 """Token selection: pure tensor functions, chosen by name through :data:`SAMPLERS`.
 
 Every sampler has the same contract (a ``Sampler``): ``scores`` (B, n) and ``k`` in, kept
-patch-token indices (B, K'max) out, sorted ascending and padded on the right with -1, where K'max
-is the largest count kept in the batch. A score that is zero, negative or not finite marks a
+patch-token indices (B, W) out, sorted ascending and padded on the right with -1. W is K'max,
+the largest count kept in the batch, on the CPU; on an accelerator the built-in samplers keep
+W = n, so that they never wait for the device (the block trims it in its one host read). A score that is zero, negative or not finite marks a
 token that is not eligible: it is never kept and takes no part in the selection of the others.
 """
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import native
 from .registry import Registry
+from .tokens import HOST_DEVICES, host_values
 
 K = Union[int, Tensor]  # k: an int for every image, or a (B,) integer tensor, one per image
 Sampler = Callable[[Tensor, K], Tensor]
 
 
 def k_per_row(k: K, batch: int, device: torch.device) -> Tensor:
-    """Check ``k`` and return it as a (B,) long tensor."""
+    """Check ``k`` and return it as a (B,) long tensor (a tensor's values are checked where
+    reading them costs nothing: on the CPU)."""
     if isinstance(k, Tensor):
         if k.dim() != 1 or k.shape[0] != batch or k.is_floating_point():
             raise ValueError(f"k as a tensor must be integer with shape ({batch},), got {k.dtype} {tuple(k.shape)}")
-        if batch and int(k.min()) < 1:
+        if batch and k.device.type in HOST_DEVICES and int(k.min()) < 1:
             raise ValueError("k must be >= 1 for every row")
         return k.to(device=device, dtype=torch.long)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -42,9 +45,13 @@ def _eligible(scores: Tensor) -> Tensor:
 
 
 def keep_mask_to_index(keep: Tensor) -> Tensor:
-    """Turn a (B, n) bool keep mask into ascending indices (B, K'max) padded with -1."""
+    """Turn a (B, n) bool keep mask into ascending indices (B, W) padded with -1: W = K'max on
+    the CPU, n elsewhere (no host read)."""
     B, n = keep.shape
-    kmax = int(keep.sum(dim=1).max()) if B and n else 0
+    if keep.device.type not in HOST_DEVICES:
+        kmax = n
+    else:
+        kmax = host_values(keep.sum(dim=1).max()) if B and n else 0
     # Each kept index goes to its rank among the row's kept ones; the rest to a spare column.
     slot = torch.where(keep, keep.cumsum(dim=1) - 1, kmax)
     index = torch.full((B, kmax + 1), -1, dtype=torch.long, device=keep.device)
@@ -69,20 +76,22 @@ def inverse_transform_sampling(scores: Tensor, k: K) -> Tensor:
         k: K, an int >= 1 or a (B,) integer tensor with one K per row.
 
     Returns:
-        LongTensor (B, K'max) of kept indices, ascending, padded with -1.
+        LongTensor (B, W) of kept indices, ascending, padded with -1 (W: see the module). An int
+        K needs no host read on an accelerator; a per-image K needs one, for the grid's width.
     """
     _check_scores(scores)
     B, n = scores.shape
+    grid_width = k if isinstance(k, int) else None
     k = k_per_row(k, B, scores.device)
     if scores.device.type == "cpu" and native.available():
         return torch.ops.ats_vit.inverse_transform(scores.detach(), k)
-    return inverse_transform_reference(scores, k)
+    return inverse_transform_reference(scores, k, grid_width)
 
 
-def inverse_transform_reference(scores: Tensor, k: Tensor) -> Tensor:
+def inverse_transform_reference(scores: Tensor, k: Tensor, grid_width: Optional[int] = None) -> Tensor:
     """:func:`inverse_transform_sampling` in PyTorch operations, for any device: the twin of
     the native CPU op (same picks, bit for bit), used where that op is not available. ``k`` is
-    (B,) long, already checked."""
+    (B,) long, already checked; ``grid_width``, its largest value when the caller knows it."""
     B, n = scores.shape
     if B == 0 or n == 0:
         return torch.empty(B, 0, dtype=torch.long, device=scores.device)
@@ -99,7 +108,7 @@ def inverse_transform_reference(scores: Tensor, k: Tensor) -> Tensor:
     cdf = torch.where(in_support, (cdf - low) / span.clamp_min(torch.finfo(s.dtype).tiny), float("-inf"))
 
     y0 = torch.where(cdf > 0, cdf, float("inf")).amin(dim=1, keepdim=True)
-    kmax = int(k.max())
+    kmax = host_values(k.max()) if grid_width is None else grid_width
     step = torch.arange(kmax, device=s.device, dtype=s.dtype)[None, :]
     grid = torch.where(k[:, None] > 1, y0 + (1 - y0) * (step / (k[:, None] - 1).clamp(min=1)), 1.0)
     grid_used = (step < k[:, None]) & (m[:, None] >= 2)

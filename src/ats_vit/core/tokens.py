@@ -14,10 +14,20 @@ rest of its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+# Devices where reading a tensor's values on the host costs nothing; on the others (CUDA) each
+# read waits for the device, so the token bookkeeping reads once per reducing block.
+HOST_DEVICES = ("cpu",)
+
+
+def host_values(t: Tensor) -> Union[int, float, list]:
+    """``t``'s values on the host: the one way the token bookkeeping reads a device tensor (a
+    synchronisation on an accelerator)."""
+    return t.tolist()
 
 
 @dataclass
@@ -54,10 +64,13 @@ class Layout:
             return padded.reshape(-1, *padded.shape[2:])
         return torch.index_select(padded.reshape(-1, *padded.shape[2:]), 0, self.real_rows())
 
-    def real_rows(self) -> Tensor:
-        """(T,) positions of the real tokens in the flattened (B * Nmax) padded view."""
+    def real_rows(self, total: Optional[int] = None) -> Tensor:
+        """(T,) positions of the real tokens in the flattened (B * Nmax) padded view; ``total``,
+        T when the caller knows it, spares a host read."""
         if self._rows is None or self._rows[0] is not self.valid:
-            self._rows = (self.valid, self.valid.flatten().nonzero().squeeze(1))
+            flat = self.valid.flatten()
+            rows = flat.nonzero() if total is None else torch.nonzero_static(flat, size=total)
+            self._rows = (self.valid, rows.squeeze(1))
         return self._rows[1]
 
     def key_mask(self) -> Optional[Tensor]:
@@ -74,8 +87,8 @@ class Layout:
     def image_of_row(self) -> Tensor:
         """(T,) the image each flat row belongs to."""
         B, N = self.shape
-        images = torch.arange(B, device=self.index.device)[:, None].expand(B, N)
-        return images[self.valid] if self.packed and self.valid is not None else images.reshape(-1)
+        images = torch.arange(B, device=self.index.device)[:, None].expand(B, N).reshape(-1)
+        return images[self.real_rows()] if self.packed and self.valid is not None else images
 
 
 @dataclass
@@ -102,7 +115,8 @@ class Tokens:
 
 
 def select_rows(tokens: Tokens, index: Tensor, num_prefix: int) -> tuple[Tensor, Layout, Tensor, Tensor]:
-    """Where the prefix tokens and the kept patch tokens ``index`` (B, K'max; -1 pads) go.
+    """Where the prefix tokens and the kept patch tokens ``index`` (B, W; -1 pads) go. One host
+    read (the kept counts' largest, smallest and total) sizes everything.
 
     Returns:
         kept: (B, P + K'max) columns of the kept tokens in the padded view of ``tokens``;
@@ -111,15 +125,19 @@ def select_rows(tokens: Tokens, index: Tensor, num_prefix: int) -> tuple[Tensor,
     """
     layout = tokens.layout
     B = layout.shape[0]
+    counts = (index >= 0).sum(dim=1)
+    kmax, kmin, total = host_values(torch.stack([counts.max(), counts.min(), counts.sum()])) if B else (0, 0, 0)
+    index = index[:, :kmax]
     padded = index < 0
     prefix = torch.arange(num_prefix, device=index.device).expand(B, num_prefix)
     kept = torch.cat([prefix, index.clamp(min=0) + num_prefix], dim=1)
     new_layout = Layout.dense(B, kept.shape[1], index.device, layout.packed)
-    if bool(padded.any()):
+    if kmin < kmax:
         new_layout.valid = torch.cat([torch.ones_like(prefix, dtype=torch.bool), ~padded], dim=1)
         if layout.packed:  # each real token's row in the new packed tensor, in (image, token) order
             valid = new_layout.valid
             new_layout.index = (valid.flatten().cumsum(0).view_as(valid) - 1).masked_fill(~valid, 0)
+            new_layout.real_rows(B * num_prefix + total)
     flat_rows = new_layout.unpad(layout.index.gather(1, kept))
     positions = tokens.positions.gather(1, index.clamp(min=0)).masked_fill(padded, -1)
     return kept, new_layout, flat_rows, positions
