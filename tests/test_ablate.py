@@ -2,6 +2,8 @@
 import csv
 import json
 
+import pytest
+
 from conftest import run
 
 
@@ -21,6 +23,13 @@ def test_ablate_matches_every_variant_to_the_target_gmacs(tmp_path, capsys):
         # calibration and evaluation images are the same 64 here, so the search's result shows
         assert abs(r["gmacs"] - r["target_gmacs"]) <= 0.02 * r["target_gmacs"], r
         assert r["target_gmacs"] == 0.5 * report["meta"]["dense_gmacs"]
+    by_label = {r["method"]: r for r in rows}
+    for r in rows:  # 95% intervals; each variant's paired difference to ATS at its budget, ATS's to dense
+        assert r["top1_low"] <= r["top1"] <= r["top1_high"]
+        if r is not dense:
+            assert r["vs"] == ("dense" if r["family"] == "ATS 3-11" else "ATS 3-11 -50%")
+            assert r["top1_diff"] == pytest.approx(r["top1"] - by_label[r["vs"]]["top1"], abs=0.011)
+            assert r["top1_diff_low"] <= r["top1_diff"] <= r["top1_diff_high"]
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 10
     assert (tmp_path / "accuracy_vs_gmacs.png").stat().st_size > 0

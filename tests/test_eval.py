@@ -53,6 +53,8 @@ def test_full_suite_rows(tiny_checkpoint, image_folder, tmp_path, capsys):
         for rival in (f"top-K 3-11 = ATS 3-11 -{r:.0%}", f"ATS 3 only = ATS 3-11 -{r:.0%}"):
             assert abs(rows[rival]["gmacs"] - ats["gmacs"]) / ats["gmacs"] < 0.02
             assert rows[rival]["blocks"] == ([3] if "only" in rival else list(range(3, 12)))
+            assert rows[rival]["vs"] == ats["method"]  # compared with the ATS row it was matched to
+        assert ats["vs"] == "dense"
 
 
 def test_match_gmacs_bisects_a_monotone_knob():

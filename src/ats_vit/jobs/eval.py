@@ -16,6 +16,7 @@ from .errors import UserError
 from .evaluation import (DENSE, Method, Result, budget_for, check_method, check_target, configured_copies,
                          default_suite, evaluate_method, image_gmacs)
 from .figures import plot_accuracy_vs_gmacs, plot_token_histogram
+from .intervals import RESAMPLES, SEED, accuracy_interval, difference_interval
 from .loading import first_images, load_dataset, load_model, num_classes
 from .options import (BATCH_SIZE, BLOCKS, CHECKPOINT, DATA, DEFAULT_DEVICE, DEVICE, LIMIT, MODEL, NUM_TOKENS, OUT,
                       SAMPLER, WORKERS, Option, at_least, check_options, comma_list, fractions)
@@ -118,9 +119,13 @@ def run_eval(options: CompareOptions, suite: Suite = default_suite) -> List[Resu
 
 
 def _rows(results: List[Result], dense: float) -> List[dict]:
+    hits = {r.method.label: r.hits for r in results}
     rows = []
     for r in results:
         kept = r.num_kept.mean(axis=0) if r.num_kept is not None else None
+        low, high = accuracy_interval(r.hits)
+        reference = None if r.method.blocks is None else (r.method.reference or DENSE.label)
+        diff = difference_interval(r.hits, hits[reference]) if reference else (None, None, None)
         rows.append({
             "method": r.method.label,
             "family": r.method.family,
@@ -131,7 +136,13 @@ def _rows(results: List[Result], dense: float) -> List[dict]:
             "scorer": r.method.scorer if r.method.blocks and r.method.reducer == "ats" else "",
             "target_gmacs": r.method.target_gmacs,
             "top1": round(r.top1, 2),
+            "top1_low": round(low, 2),
+            "top1_high": round(high, 2),
             "top5": None if r.top5 is None else round(r.top5, 2),
+            "vs": reference or "",
+            "top1_diff": None if reference is None else round(diff[0], 2),
+            "top1_diff_low": None if reference is None else round(diff[1], 2),
+            "top1_diff_high": None if reference is None else round(diff[2], 2),
             "gmacs": round(r.mean_gmacs, 5),
             "reduction_pct": round(100 * (1 - r.mean_gmacs / dense), 1),
             "tokens_per_ats_block": [] if kept is None else [round(float(k), 1) for k in kept],
@@ -149,8 +160,10 @@ def _report(model, options: EvalOptions, dataset, results: List[Result], timing_
     dense = image_gmacs(model, timing_batch)
     rows = _rows(results, dense)
     show = [{
-        "method": r["method"], "top-1": f"{r['top1']:.2f}",
+        "method": r["method"], "top-1": f"{r['top1']:.2f}", "95% CI": f"{r['top1_low']:.1f}-{r['top1_high']:.1f}",
         **({"top-5": f"{r['top5']:.2f}"} if r["top5"] is not None else {}),
+        "top-1 vs": "-" if not r["vs"] else
+        f"{r['top1_diff']:+.2f} [{r['top1_diff_low']:+.2f}, {r['top1_diff_high']:+.2f}] vs {r['vs']}",
         "GMACs": f"{r['gmacs']:.4f}", "reduction": f"{r['reduction_pct']:.1f}%",
         "tokens per ATS block": " ".join(f"{k:.0f}" for k in r["tokens_per_ats_block"]) or "-",
         "img/s (model)": f"{r['model_images_per_s']:.0f}", "speed-up": f"{r['speedup']:.2f}x",
@@ -158,7 +171,9 @@ def _report(model, options: EvalOptions, dataset, results: List[Result], timing_
     } for r in rows]
     print()
     print(format_table(show, list(show[0])))
-    print(f"\n{len(dataset)} images; GMACs measured per image from the tokens kept. img/s (model): the model "
+    print(f"\n{len(dataset)} images; 95% intervals: percentile bootstrap over the images ({RESAMPLES} resamples, "
+          f"seed {SEED}), paired for the top-1 differences. GMACs measured per image from the tokens kept. "
+          f"img/s (model): the model "
           f"alone on one batch of {len(timing_batch)} images, every method run in turn for {options.timing_repeats} "
           f"rounds after warm-up (median time; speed-up: median of the paired ratios), {options.device}, "
           f"{torch.get_num_threads()} threads, rank 0 of {d.world} process(es); end-to-end includes data loading.")

@@ -32,6 +32,7 @@ class Method:
     scorer: str = "cls_value"
     reducer: str = "ats"
     target_gmacs: Optional[float] = None  # the mean GMACs its budget was searched for
+    reference: Optional[str] = None  # label of the row its accuracy is compared with (None: dense)
 
     def with_tokens(self, num_tokens, label: str) -> "Method":
         return replace(self, label=label, num_tokens=num_tokens)
@@ -97,6 +98,7 @@ class Result:
     gmacs: np.ndarray  # per image
     num_kept: Optional[np.ndarray]  # (images, ATS blocks)
     seconds: float  # whole pass, data loading included
+    hits: np.ndarray  # per image: top-1 correct
     images_per_s: float = float("nan")  # model only
     speedup: float = float("nan")  # model only, over dense: the median of paired timing rounds
     extra: dict = field(default_factory=dict)
@@ -153,7 +155,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, classes:
     k = gather(torch.cat(kept), d) if kept else None
     n = len(g)
     return Result(method, 100.0 * int(hit1.sum()) / n, 100.0 * int(hit5.sum()) / n if classes > 5 else None,
-                  g.numpy(), None if k is None else k.numpy(), seconds)
+                  g.numpy(), None if k is None else k.numpy(), seconds, hit1.numpy())
 
 
 def evaluate_method(model: nn.Module, loader: DataLoader, method: Method, device: torch.device,
@@ -243,10 +245,10 @@ def default_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
     for row, target in ats_rows:
         progress(f"matching top-K{' and single-block ATS' if row is not released else ''} to {row.label} "
                  f"({target:.4g} GMACs)")
-        methods.append(budget_for(model, topk, images, target, batch_size, f"top-K {span} = {row.label}")[0])
-        if row is not released:
-            methods.append(budget_for(model, single, images, target, batch_size,
-                                      f"ATS {late[0]} only = {row.label}")[0])
+        for rival, label in ((topk, f"top-K {span} = {row.label}"), (single, f"ATS {late[0]} only = {row.label}")):
+            if rival is topk or row is not released:
+                methods.append(replace(budget_for(model, rival, images, target, batch_size, label)[0],
+                                       reference=row.label))
     return methods
 
 
