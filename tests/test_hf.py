@@ -179,15 +179,17 @@ def tiny_swin():
      TypeError, "ViTForMaskedImageModeling is not supported"),
     (lambda: make_hf("cvt"), ValueError, "supports reducer 'ats' with scorer 'cls_value' only"),
     (lambda: make_hf("vit"), ValueError, r"blocks contains 4; allowed: block indices in 0\.\.3"),
+    (lambda: make_hf("vit"), ValueError, r"reducer must be one of \['ats', 'evit', 'tome'\], got 'dynamicvit'"),
 ])
 def test_unsupported_models_and_options_are_refused(build, error, match):
     model = build()
     cls = type(model)
-    kwargs = {"scorer": "cls"} if "scorer" in match else {"blocks": [4]} if "blocks" in match else {}
+    kwargs = {"scorer": "cls"} if "scorer" in match else {"blocks": [4]} if "blocks" in match else \
+        {"reducer": "dynamicvit"} if "dynamicvit" in match else {}
     with pytest.raises(error, match=match):
         ats_vit.apply(model, **kwargs)
     assert type(model) is cls and not ats_vit.is_patched(model)
-    assert all(type(m).__name__[:3] != "ATS" for m in model.modules())
+    assert all(type(m).__name__[:3] != "ATS" for m in model.modules()) and not hasattr(model, "token_predictors")
 
 
 @pytest.mark.parametrize("name", ["output_hidden_states", "output_attentions", "attention_mask", "bool_masked_pos"])

@@ -43,6 +43,18 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, 
     return (F.dropout(probs, dropout_p) if dropout_p else probs) @ v
 
 
+def keep_masked_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
+    """Attention (B, H, N, d) in which each query sees the kept keys and itself: the softmax's
+    terms multiplied by ``keep`` (B, N) off the diagonal and renormalised (DynamicViT's training
+    mask), so the loss is differentiable in the mask."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+    eye = torch.eye(keep.shape[1], dtype=e.dtype, device=e.device)
+    w = e * (keep.to(e.dtype)[:, None, None, :] * (1 - eye) + eye)
+    probs = w / w.sum(dim=-1, keepdim=True)
+    return (F.dropout(probs, dropout_p) if dropout_p else probs) @ v
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, q_valid: Optional[Tensor], k_valid: Optional[Tensor], grouped: bool,
            scale: float, dropout_p: float = 0.0, fused: bool = True) -> Tensor:
     """Softmax attention of padded queries (B, H, M, d) over padded keys and values (B, H, N, d).
@@ -134,12 +146,17 @@ def _key_mask(tokens: Tokens) -> Optional[Tensor]:
 
 
 def dense_block(block: BlockParts, tokens: Tokens) -> Tokens:
-    """The block on every token; padding keys are hidden from its attention."""
+    """The block on every token; padding keys (and a training keep mask's dropped keys) are
+    hidden from its attention."""
     attn, layout = block.attn, tokens.layout
     h = block.norm1(tokens.x)
     projected = attn.project(h)
     padded = layout.valid is not None and tokens.key_bias is None  # padding keys, no bias to add
-    if padded and _varlen(attn, layout, projected):  # the packed rows as they are: no padding
+    if tokens.keep is not None:
+        q, k, v = split_heads(attn, projected, layout)
+        out = layout.unpad(keep_masked_attention(q, k, v, tokens.keep, attn.scale, attn.dropout_p)
+                           .transpose(1, 2).flatten(2))
+    elif padded and _varlen(attn, layout, projected):  # the packed rows as they are: no padding
         counts, longest = layout.counts(), layout.shape[1]
         out = varlen_attention(*split_heads(attn, projected, None), counts, counts, longest, longest,
                                attn.scale).flatten(1)
@@ -152,7 +169,7 @@ def dense_block(block: BlockParts, tokens: Tokens) -> Tokens:
         out = layout.unpad(sdpa(q, k, v, _key_mask(tokens), attn.scale, attn.dropout_p,
                                 attn.fused).transpose(1, 2).flatten(2))
     y = mlp_residual(block, attention_residual(block, tokens.x, h, out, layout), layout)
-    return Tokens(y, layout, tokens.positions, tokens.size, tokens.key_bias)
+    return Tokens(y, layout, tokens.positions, tokens.size, tokens.key_bias, tokens.keep)
 
 
 def select(q: Tensor, k: Tensor, v: Tensor, tokens: Tokens, num_prefix: int, scale: float, budget: K,

@@ -29,6 +29,12 @@ def linear_macs(module: Optional[nn.Module]) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def predictor_macs(width: int) -> int:
+    """MACs per patch token of DynamicViT's keep predictor on tokens of ``width`` C: its linear
+    layers C -> C, C -> C/2, C/2 -> C/4, C/4 -> 2 (see :mod:`ats_vit.reducers.dynamicvit`)."""
+    return width * width + width * (width // 2) + (width // 2) * (width // 4) + (width // 4) * 2
+
+
 @dataclass(frozen=True)
 class BlockCost:
     """Per-token MACs of one transformer block, split by what scales with which token count."""
@@ -54,7 +60,8 @@ class BlockCost:
         kind: ``"dense"``; ``"ats"`` (attention rows, projection and MLP for the kept tokens only;
         the scorer computes q kᵀ for ``scoring_rows``: the ``"class"`` token's row, ``"all"`` or
         ``"none"``); ``"evit"`` and ``"tome"`` (attention and projection for every token entering,
-        the MLP for those leaving; EViT's class row q kᵀ and fusion matmul, ToMe's A-B similarity).
+        the MLP for those leaving; EViT's class row q kᵀ and fusion matmul, ToMe's A-B similarity);
+        ``"dynamicvit"`` (the keep predictor on the patch tokens entering, the block on those kept).
         """
         score_pair = self.attn_pair // 2
         if kind == "dense":
@@ -69,7 +76,9 @@ class BlockCost:
         if kind == "tome":
             patches = n_in - num_prefix
             return shared + ((patches + 1) // 2) * (patches // 2) * self.head_dim
-        raise ValueError(f"kind must be dense, ats, evit or tome, got {kind!r}")
+        if kind == "dynamicvit":  # the keep predictor on the patch tokens entering, then dense on those kept
+            return (n_in - num_prefix) * predictor_macs(self.width) + self.macs(n_out, n_out)
+        raise ValueError(f"kind must be dense, ats, evit, tome or dynamicvit, got {kind!r}")
 
 
 @dataclass(frozen=True)

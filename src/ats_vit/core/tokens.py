@@ -102,12 +102,15 @@ class Tokens:
         pooling weighs tokens by it.
     key_bias: (B, Nmax) a reducer's additive attention-logit bias per key for the blocks after
         it (None: none).
+    keep: (B, Nmax) a training-time keep mask (DynamicViT's, differentiable; 1 kept, 0 dropped):
+        the blocks after it attend to no dropped token but a token's own (None: all kept).
     """
     x: Tensor
     layout: Layout
     positions: Tensor
     size: Optional[Tensor] = None
     key_bias: Optional[Tensor] = None
+    keep: Optional[Tensor] = None
 
     def padded(self) -> Tensor:
         """(B, Nmax, C) tokens, padding rows arbitrary."""

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..core.macs import BlockCost, ViTCost, linear_macs
 from ..core.parts import AttentionParts, BlockParts
+from ..reducers import REDUCERS, TRAINED
 from .patch import ATTRIBUTE, Patch, PatchConfig, check_unpatched, checked_config, install, patch_of, run_blocks
 
 REQUIREMENT = "transformers>=5.10,<6 (pip install 'ats-vit[hf]')"
@@ -81,7 +82,8 @@ def validate(model: nn.Module, blocks, num_tokens, sampler: str, mode: str, scor
     backbone_ = target(model)
     check_unpatched(backbone_)
     _check_layers(backbone_.layers)
-    return checked_config(placement(model), blocks, num_tokens, sampler, mode, scorer, reducer)
+    return checked_config(placement(model), blocks, num_tokens, sampler, mode, scorer, reducer,
+                          tuple(r for r in REDUCERS if r not in TRAINED))
 
 
 def layer_parts(layer: nn.Module) -> BlockParts:

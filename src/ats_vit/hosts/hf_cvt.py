@@ -223,7 +223,7 @@ class _ATSCvtEncoder:
         shape = (H, W)
 
         def reduce(layer, tokens: Tokens, num_prefix: int, num_tokens: NumTokens, num_patches: int, sampler: str,
-                   scorer: str) -> Tokens:
+                   scorer: str, module=None) -> Tokens:
             k = resolve_k(num_tokens, tokens.layout, num_prefix, num_patches)
             return cvt_block(layer, tokens, shape, (k, get_sampler(sampler)))
 

@@ -7,7 +7,7 @@ under :data:`ATTRIBUTE`; the host says which module is the target of a model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from numbers import Integral
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
@@ -52,6 +52,9 @@ class Patch:
     original_class: type
     last: Union[None, ATSStats, Callable[[], ATSStats]] = None
     pool_weight: Optional[Tensor] = None
+    learned: Dict[int, nn.Module] = field(default_factory=dict)  # a trained reducer's module per block
+    keep_masks: Tuple[Tensor, ...] = ()  # training keep mask after each reducing block, last forward
+    features: Optional[Tensor] = None  # the last training forward's final normed tokens, when masked
 
     def last_stats(self) -> Optional[ATSStats]:
         """The last forward's statistics (None before any forward), built once."""
@@ -147,15 +150,18 @@ def run_blocks(blocks: Sequence, x: Tensor, num_prefix: int, patch: Patch, grad_
 
     layout = Layout.dense(B, N, x.device, packed=config.mode == "packed")
     tokens = Tokens(x.flatten(0, 1), layout, torch.arange(n, device=x.device).expand(B, n))
-    counts, positions = [layout.counts()], []
+    counts, positions, keep_masks = [layout.counts()], [], []
     budgets = dict(zip(config.blocks, config.num_tokens))
     for i, blk in enumerate(blocks):
         if i in budgets:
-            tokens = run(reduce, blk, tokens, P, budgets[i], n, config.sampler, config.scorer)
+            tokens = run(reduce, blk, tokens, P, budgets[i], n, config.sampler, config.scorer, patch.learned.get(i))
             positions.append(tokens.positions)
+            if tokens.keep is not None:
+                keep_masks.append(tokens.keep)
         else:
             tokens = run(dense, blk, tokens)
         counts.append(tokens.layout.counts())
+    patch.keep_masks = tuple(keep_masks)
     patch.last = partial(make_stats, config, patch.cost if cost is None else cost, n, P, counts, tuple(positions))
     patch.pool_weight = tokens.size if tokens.size is not None else tokens.layout.valid
     return tokens

@@ -16,6 +16,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..core.macs import BlockCost, ViTCost, linear_macs
 from ..core.parts import AttentionParts, BlockParts
+from ..reducers.dynamicvit import check_predictors, predictors_of
 from .patch import Patch, PatchConfig, check_unpatched, checked_config, install, patch_of, run_blocks
 
 _POOLS = ("", "token", "avg", "max", "avgmax")
@@ -60,7 +61,10 @@ def validate(model: nn.Module, blocks, num_tokens, sampler: str, mode: str, scor
              reducer: str) -> PatchConfig:
     """The config :func:`ats_vit.apply` would install; raises what it would raise."""
     _check_model(model)
-    return checked_config(placement(model), blocks, num_tokens, sampler, mode, scorer, reducer)
+    config = checked_config(placement(model), blocks, num_tokens, sampler, mode, scorer, reducer)
+    if config.reducer == "dynamicvit":
+        check_predictors(model, config.blocks)
+    return config
 
 
 def block_parts(block: Block) -> BlockParts:
@@ -91,7 +95,8 @@ def geometry(model: nn.Module, height: int, width: int) -> tuple[int, int, ViTCo
 
 def install_patch(model: nn.Module, config: PatchConfig) -> None:
     parts = tuple(block_parts(b) for b in model.blocks)
-    install(model, _ATSVisionTransformer, Patch(config, parts, cost_model(model), type(model)))
+    learned = predictors_of(model, config.blocks, model.embed_dim) if config.reducer == "dynamicvit" else {}
+    install(model, _ATSVisionTransformer, Patch(config, parts, cost_model(model), type(model), learned=learned))
 
 
 class _ATSVisionTransformer:
@@ -103,7 +108,9 @@ class _ATSVisionTransformer:
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         patch = patch_of(self)
-        return self.norm(run_blocks(patch.parts, x, self.num_prefix_tokens, patch, ckpt).padded())
+        x = self.norm(run_blocks(patch.parts, x, self.num_prefix_tokens, patch, ckpt).padded())
+        patch.features = x if patch.keep_masks else None  # a masked training forward's, for its loss
+        return x
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
