@@ -199,3 +199,52 @@ def test_predictors_belong_to_the_model(vit):
     with pytest.raises(ValueError, match="predictors are for blocks \\[3, 6, 9\\], not \\[4, 8\\]"):
         ats_vit.apply(model, blocks=[4, 8], reducer="dynamicvit")
     assert not ats_vit.is_patched(model)
+
+
+def test_learning_rate_groups_scale_the_backbone_and_keep_timms_weight_decay_split(vit):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    from ats_vit.jobs.training import scaled_param_groups
+
+    model = copy.deepcopy(vit).float()
+    scale = lambda name: 1.0 if name.startswith("token_predictors.") else 0.01  # noqa: E731
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05,
+                                    param_group_fn=lambda m: scaled_param_groups(m, 0.05, scale))
+    CosineLRScheduler(optimizer, t_initial=10, t_in_epochs=False).step_update(0)
+    seen = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen[id(p)] = (group["lr"], group["weight_decay"])
+    names = dict(model.named_parameters())
+    assert len(seen) == len(names)
+    for name, p in names.items():
+        lr, decay = seen[id(p)]
+        assert lr == pytest.approx(1e-3 * scale(name))
+        assert decay == (0.0 if p.ndim <= 1 or name in ("pos_embed", "cls_token") else 0.05), name
+
+
+def test_finetune_trains_dynamicvit_and_its_checkpoint_loads_with_the_predictors(tmp_path, capsys):
+    """`finetune --reducer dynamicvit`: two AdamW steps move the predictors at --lr and the
+    backbone at 0.01 x --lr; the saved file holds both and loads back key for key."""
+    from safetensors.torch import load_file
+
+    from ats_vit.jobs.loading import load_model
+    from ats_vit.zoo import FMNIST_WEIGHTS
+    from conftest import run
+
+    code, _, err = run(["finetune", "--reducer", "dynamicvit", "--num-tokens", "0.7", "--limit", "64", "--epochs",
+                        "1", "--batch-size", "32", "--lr", "1e-3", "--warmup-epochs", "0", "--workers", "0",
+                        "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    saved, base = load_file(str(tmp_path / "last.safetensors")), load_file(str(FMNIST_WEIGHTS))
+    assert sorted({k.split(".")[1] for k in saved if k.startswith("token_predictors.")}) == ["3", "6", "9"]
+    moved = max(float((saved[k] - base[k]).abs().max()) for k in base)
+    assert 0 < moved <= 2 * 1e-5 * 1.1  # Adam moves each weight by at most about lr per step
+    loaded = load_model(str(tmp_path / "last.safetensors"))
+    assert loaded.state_dict().keys() == saved.keys()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+    model = ats_vit.apply(loaded, reducer="dynamicvit", num_tokens=0.7)  # the trained predictors, blocks 3, 6, 9
+    with torch.no_grad():
+        model(torch.randn(2, 1, 28, 28))
+    assert ats_vit.last_stats(model).num_kept[0].tolist() == [137, 96, 67]

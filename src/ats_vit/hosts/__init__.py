@@ -15,9 +15,9 @@ from torch import nn
 
 from ..core.budget import NumTokens
 from ..core.stats import ATSStats
-from .patch import ATTRIBUTE, Patch, PatchConfig, patch_of, uninstall
+from .patch import ATTRIBUTE, Patch, PatchConfig, patch_of, reducer_blocks, uninstall
 
-__all__ = ["apply", "validate", "remove", "is_patched", "last_stats", "default_blocks", "cost_model",
+__all__ = ["apply", "validate", "remove", "is_patched", "last_stats", "default_blocks", "training_outputs", "cost_model",
            "dense_gmacs", "num_patches", "is_transformers_model", "PatchConfig"]
 
 
@@ -44,10 +44,19 @@ def _patch(model: nn.Module) -> Optional[Patch]:
     return patch_of(target) if hasattr(target, ATTRIBUTE) else None
 
 
-def default_blocks(model: nn.Module) -> tuple:
+def default_blocks(model: nn.Module, reducer: str = "ats") -> tuple:
     """The blocks :func:`apply` patches when ``blocks`` is None (timm, ViT, DeiT: 3 to the last;
-    CvT: layers 1 to 9 of its last stage)."""
-    return _host(model).placement(model)[1]
+    CvT: layers 1 to 9 of its last stage; DynamicViT: 3, 6 and 9 of 12 blocks)."""
+    return reducer_blocks(_host(model).placement(model), reducer)
+
+
+def training_outputs(model: nn.Module) -> tuple:
+    """What the last training forward of a model with a trained reducer (DynamicViT) left for
+    its loss: each reducing block's keep mask (B, N) and the final normed tokens (B, N, C)."""
+    patch = _patch(model)
+    if patch is None or not patch.keep_masks:
+        raise ValueError("no masked training forward has run (DynamicViT applied, model.train())")
+    return patch.keep_masks, patch.features
 
 
 def apply(
@@ -81,7 +90,11 @@ def apply(
         reducer: ``"ats"``; or the rivals ``"evit"`` (keep the ``num_tokens`` patch tokens the
             class token attends to most, fuse the rest into one) and ``"tome"`` (merge patch
             tokens by bipartite soft matching down to ``num_tokens``, at most half per block),
-            for which ``sampler`` and ``scorer`` do not apply and ``None`` means no reduction.
+            for which ``sampler`` and ``scorer`` do not apply and ``None`` means no reduction; and
+            ``"dynamicvit"`` (timm models; DynamicViT's keep predictors before its blocks, by
+            default 3, 6 and 9 of 12, each keeping ``num_tokens`` of the tokens entering it; the
+            predictors are added to the model when it has none, trained by fine-tuning (see
+            :func:`ats_vit.reducers.dynamicvit.dynamicvit_loss`) and kept by :func:`remove`).
     """
     _host(model).install_patch(model, validate(model, blocks, num_tokens, sampler, mode, scorer, reducer))
     return model

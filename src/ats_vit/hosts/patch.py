@@ -22,7 +22,7 @@ from ..core.sampling import get_sampler
 from ..core.scoring import get_scorer
 from ..core.stats import ATSStats
 from ..core.tokens import Layout, Tokens
-from ..reducers import REDUCERS
+from ..reducers import REDUCERS, TRAINED
 
 ATTRIBUTE = "_ats_patch"  # the one attribute a patched target carries
 MODES = ("packed", "padded")
@@ -83,11 +83,18 @@ def check_blocks(blocks: Union[None, int, Sequence[int]], depth: int, default: S
     return tuple(sorted(int(i) for i in blocks))
 
 
+def reducer_blocks(placement: Tuple[int, Sequence[int]], reducer: str) -> Tuple[int, ...]:
+    """The blocks a reducer goes in by default: the host's default, except DynamicViT's three
+    stages at a quarter, half and three quarters of the depth (3, 6, 9 of 12, the paper's)."""
+    depth, default = placement
+    return tuple(sorted({depth * s // 4 for s in (1, 2, 3)})) if reducer in TRAINED else tuple(default)
+
+
 def checked_config(placement: Tuple[int, Sequence[int]], blocks, num_tokens, sampler: str, mode: str, scorer: str,
                    reducer: str, reducers: Sequence[str] = tuple(REDUCERS)) -> PatchConfig:
     """Every argument of :func:`ats_vit.apply` checked, as a config; ``placement`` is the host's
     (block count, default blocks), ``reducers`` those it supports."""
-    block_ids = check_blocks(blocks, *placement)
+    block_ids = check_blocks(blocks, placement[0], reducer_blocks(placement, reducer))
     budgets = check_num_tokens(num_tokens, len(block_ids))
     get_sampler(sampler)
     get_scorer(scorer)

@@ -19,7 +19,7 @@ from .figures import plot_accuracy_vs_gmacs, plot_token_histogram
 from .intervals import RESAMPLES, SEED, accuracy_interval, difference_interval
 from .loading import first_images, load_dataset, load_model, num_classes
 from .options import (BATCH_SIZE, BLOCKS, CHECKPOINT, DATA, DEFAULT_DEVICE, DEVICE, LIMIT, MODEL, NUM_TOKENS, OUT,
-                      SAMPLER, WORKERS, Option, at_least, check_options, comma_list, fractions)
+                      REDUCER, SAMPLER, WORKERS, Option, at_least, check_options, comma_list, fractions)
 from .report import format_table, machine, write_json
 from .timing import compare_throughput
 
@@ -54,11 +54,13 @@ class EvalOptions(CompareOptions):
     blocks: Optional[Sequence[int]] = BLOCKS()
     num_tokens: object = NUM_TOKENS()
     sampler: Optional[str] = SAMPLER()
+    reducer: Optional[str] = REDUCER()
     target_gmacs: Optional[float] = TARGET_GMACS()
 
     @property
     def custom(self) -> bool:
-        return any(v is not None for v in (self.blocks, self.num_tokens, self.sampler, self.target_gmacs))
+        return any(v is not None for v in (self.blocks, self.num_tokens, self.sampler, self.reducer,
+                                           self.target_gmacs))
 
 
 Suite = Callable[..., List[Method]]
@@ -68,10 +70,12 @@ def _methods(model, options: EvalOptions, suite: Suite, calib: torch.Tensor, d: 
     say = lambda s: print(f"[calibrating on {len(calib)} images] {s}", flush=True) if d.main else None
     if not options.custom:
         return suite(model, calib, options.batch_size, options.reductions, progress=say)
-    blocks = tuple(options.blocks) if options.blocks is not None else default_blocks(model)
+    reducer = options.reducer or "ats"
+    blocks = tuple(options.blocks) if options.blocks is not None else default_blocks(model, reducer)
     sampler = options.sampler or "inverse_transform"
-    label = f"{'ATS' if sampler == 'inverse_transform' else sampler} blocks {','.join(map(str, blocks))}"
-    method = Method(label, label, blocks, options.num_tokens, sampler)
+    name = "DynamicViT" if reducer == "dynamicvit" else "ATS" if sampler == "inverse_transform" else sampler
+    label = f"{name} blocks {','.join(map(str, blocks))}"
+    method = Method(label, label, blocks, options.num_tokens, sampler, reducer=reducer)
     check_method(model, method)
     if options.target_gmacs is not None:
         check_target(model, method, calib, options.target_gmacs, options.batch_size)

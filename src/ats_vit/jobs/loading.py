@@ -4,18 +4,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import timm
 import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
+from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
 from ..hosts import default_blocks, is_transformers_model
+from ..reducers.dynamicvit import PREDICTORS, predictors_of
 from ..zoo import FMNIST_MODEL
 from .data import fashion_mnist, fashion_mnist_augment
 from .errors import UserError
@@ -48,12 +50,12 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, co
         raise UserError(f"--model: unknown timm model {name!r} (see timm.list_models())")
     with torch.device("meta"):  # the architecture alone, no weights: refuse what ATS cannot patch first
         _check_supported(timm.create_model(name), f"--model {name}")
-    overlay, kwargs = None, {}
+    overlay, kwargs, predictors = None, {}, ()
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise UserError(f"--checkpoint: no such file {checkpoint}")
         overlay = dict(file=str(Path(checkpoint).resolve()))
-        classes = _head_classes(Path(checkpoint))
+        classes, predictors = _inspect(Path(checkpoint))
         if classes is not None:  # a fine-tuned checkpoint brings its own class count
             overlay["num_classes"] = kwargs["num_classes"] = classes
     elif not getattr(timm.models.get_pretrained_cfg(name), "file", None):
@@ -61,7 +63,12 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, co
         print(f"loading pretrained weights for {name} from timm's cache or the hub "
               "(--checkpoint FILE loads local weights)", file=sys.stderr, flush=True)
     try:
-        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        if predictors:  # DynamicViT's predictors ride along: build them, then load every key strictly
+            net = timm.create_model(name, pretrained=False, **kwargs)
+            predictors_of(net, predictors, net.embed_dim)
+            net.load_state_dict(load_file(checkpoint))
+        else:
+            net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except RuntimeError as e:  # load_state_dict's size/key mismatch report
         raise UserError(f"--checkpoint {checkpoint} does not fit {name}: {_first_mismatch(str(e))}") from None
     except Exception as e:  # hub unreachable, unreadable file
@@ -113,15 +120,19 @@ def _processor_transform(model: nn.Module):
                                                  ["pixel_values"][0])])
 
 
-def _head_classes(path: Path) -> Optional[int]:
-    """Output size of the checkpoint's ``head.weight``, if it is a safetensors file that has one."""
+def _inspect(path: Path) -> Tuple[Optional[int], Tuple[int, ...]]:
+    """Of a safetensors checkpoint: the output size of its ``head.weight`` (None without one) and
+    the blocks of the DynamicViT predictors it holds (none for other files)."""
     if path.suffix != ".safetensors":
-        return None
+        return None, ()
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else None
+            keys = set(f.keys())
+            classes = f.get_slice("head.weight").get_shape()[0] if "head.weight" in keys else None
     except Exception as e:
         raise UserError(f"--checkpoint {path} is not a readable safetensors file: {e}") from None
+    prefix = PREDICTORS + "."
+    return classes, tuple(sorted({int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}))
 
 
 def _model_name_beside(path: Path) -> str:

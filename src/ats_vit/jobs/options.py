@@ -139,6 +139,10 @@ def _samplers() -> List[str]:
     return list_samplers()
 
 
+def _reducers() -> List[str]:
+    return ["ats", "dynamicvit"]
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -151,6 +155,8 @@ DATA = Option("--data", help="'fashion-mnist' or an image folder of class sub-fo
 BLOCKS = Option("--blocks", parse_blocks, "ATS blocks, e.g. 3-11 or 3,6,9 (default 3..last)")
 NUM_TOKENS = Option("--num-tokens", parse_num_tokens, "K: int, fraction, or one per block")
 SAMPLER = Option("--sampler", help="inverse_transform (default), topk or random", check=one_of(_samplers))
+REDUCER = Option("--reducer", help="ats (default) or dynamicvit (the trained rival: its predictors come with "
+                                   "the model, and finetune trains them)", check=one_of(_reducers))
 BATCH_SIZE = Option("--batch-size", int, check=at_least(1))
 WORKERS = Option("--workers", int, "data-loading processes", check=at_least(0))
 LIMIT = Option("--limit", int, "use the first N images only", check=at_least(1))

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -70,9 +70,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def scaled_param_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str], float]) -> List[Dict]:
+    """timm's weight-decay parameter groups (none on 1-D parameters and the model's
+    ``no_weight_decay`` names), each split by ``lr_scale`` of the parameter's name (timm's
+    schedulers honour a group's ``lr_scale``)."""
+    names = {p: n for n, p in model.named_parameters()}
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = []
+    for group in param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip):
+        by_scale: Dict[float, list] = {}
+        for p in group["params"]:
+            by_scale.setdefault(lr_scale(names[p]), []).append(p)
+        groups += [{**group, "params": params, "lr_scale": scale} for scale, params in by_scale.items()]
+    return groups
+
+
 def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, classes: int, config: TrainConfig,
         out_dir: Path, device: torch.device, d: Dist = Dist(), saved: Optional[Checkpoint] = None,
-        on_epoch: Callable[[Dict], None] = lambda row: None) -> List[Dict]:
+        on_epoch: Callable[[Dict], None] = lambda row: None, objective: Optional[Objective] = None,
+        lr_scale: Optional[Callable[[str], float]] = None) -> List[Dict]:
     """Train ``model`` as it is (ATS applied or not) and evaluate it after each epoch; returns
     the log rows of every epoch of the run.
 
@@ -81,6 +100,10 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, classes: int, c
     one checkpoint in ``out_dir`` (see ``checkpoint``). From a ``saved`` checkpoint the run
     continues after its epoch and computes what the uninterrupted run would have: every epoch's
     data order and random state derive from (seed, epoch, rank) alone. Rank 0 writes.
+
+    ``objective(net, images, labels)`` is the training loss (default: label-smoothed
+    cross-entropy of ``net(images)``; ``net`` is the model or its DistributedDataParallel
+    wrapper); ``lr_scale`` scales the learning rate per parameter name (default: 1 for all).
     """
     config.check(device, d, len(train_set))
     steps_per_epoch = len(train_set) // config.batch_size
@@ -94,13 +117,19 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, classes: int, c
     test_loader = DataLoader(shard(test_set, d), batch_size=256, num_workers=config.workers)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if d.world > 1 else model
-    optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay,
+                                    param_group_fn=None if lr_scale is None else
+                                    lambda m: scaled_param_groups(m, config.weight_decay, lr_scale))
     scheduler = CosineLRScheduler(optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.min_lr,
                                   warmup_t=int(config.warmup_epochs * steps_per_epoch), warmup_lr_init=1e-6,
                                   t_in_epochs=False)
     amp = AMP_DTYPES[config.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    if objective is None:
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+        def objective(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return criterion(net(images), labels)
     start_epoch, step, rows = 0, 0, []
     if saved is not None:
         optimizer.load_state_dict(saved.state["optimizer"])
@@ -119,7 +148,7 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, classes: int, c
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not d.main)
         for images, labels in bar:
             with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-                loss = criterion(net(images.to(device)), labels.to(device))
+                loss = objective(net, images.to(device), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
