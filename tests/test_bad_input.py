@@ -73,3 +73,15 @@ def test_apply_refuses_a_model_on_the_meta_device():
     with pytest.raises(ValueError, match="meta device"):
         ats_vit.apply(model)
     assert not ats_vit.is_patched(model)
+
+
+def test_dynamicvit_evaluation_needs_trained_predictors(capsys):
+    """The bundled model has no predictors: fresh ones would only guess, so eval refuses."""
+    code, _, err = run(["eval", "--reducer", "dynamicvit", "--num-tokens", "0.7", "--limit", "8"], capsys)
+    assert code == 2 and one_error_line(err) and "needs a model with trained predictors" in err
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune"])
+def test_an_unknown_reducer_is_one_line(command, capsys):
+    code, _, err = run([command, "--reducer", "tome2", "--limit", "8"], capsys)
+    assert code == 2 and one_error_line(err) and "--reducer must be one of ['ats', 'dynamicvit']" in err

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..hosts import default_blocks
+from ..reducers.dynamicvit import PREDICTORS
 from .distributed import Dist, barrier, setup, shard
 from .errors import UserError
 from .evaluation import (DENSE, Method, Result, budget_for, check_method, check_target, configured_copies,
@@ -71,6 +72,9 @@ def _methods(model, options: EvalOptions, suite: Suite, calib: torch.Tensor, d: 
     if not options.custom:
         return suite(model, calib, options.batch_size, options.reductions, progress=say)
     reducer = options.reducer or "ats"
+    if reducer == "dynamicvit" and getattr(model, PREDICTORS, None) is None:  # fresh predictors would guess
+        raise UserError("--reducer dynamicvit needs a model with trained predictors: a checkpoint from "
+                        "`ats-vit finetune --reducer dynamicvit`")
     blocks = tuple(options.blocks) if options.blocks is not None else default_blocks(model, reducer)
     sampler = options.sampler or "inverse_transform"
     name = "DynamicViT" if reducer == "dynamicvit" else "ATS" if sampler == "inverse_transform" else sampler
