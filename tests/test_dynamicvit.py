@@ -106,11 +106,13 @@ def test_inference_keeps_the_top_k_by_keep_probability_and_runs_the_rest_on_them
     assert len({tuple(p[0].tolist()) for p in stats.positions}) == 3  # the positions shrink block by block
 
 
-def test_training_masks_equal_pruning_those_tokens_and_train_the_predictors(vit, monkeypatch):
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_training_masks_equal_pruning_those_tokens_and_train_the_predictors(vit, pool, monkeypatch):
     """In training nothing is removed; with the Gumbel decisions fixed, the class token's logits
     are those of physically pruning the dropped tokens (a token that sees only kept keys and
-    itself computes as if the dropped ones were gone), the masks only shrink, and the gradient
-    reaches every predictor through the straight-through decisions."""
+    itself computes as if the dropped ones were gone; average pooling weighs the kept ones only),
+    the masks only shrink, and the gradient reaches every predictor through the straight-through
+    decisions."""
     g = torch.Generator().manual_seed(7)
     decisions = {}
 
@@ -122,7 +124,9 @@ def test_training_masks_equal_pruning_those_tokens_and_train_the_predictors(vit,
         return onehot + log_probs - log_probs.detach()  # straight-through, as gumbel_softmax(hard=True)
 
     monkeypatch.setattr(F, "gumbel_softmax", fixed_gumbel)
-    model = ats_vit.apply(copy.deepcopy(vit), blocks=BLOCKS, num_tokens=0.7, reducer="dynamicvit").train()
+    base = copy.deepcopy(vit)
+    base.global_pool = pool
+    model = ats_vit.apply(copy.deepcopy(base), blocks=BLOCKS, num_tokens=0.7, reducer="dynamicvit").train()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     logits = model(x)
     masks = ats_vit.hosts._patch(model).keep_masks
@@ -140,7 +144,7 @@ def test_training_masks_equal_pruning_those_tokens_and_train_the_predictors(vit,
             return keep
 
         with torch.no_grad():
-            want = slow_pruned_forward(vit, x[b:b + 1], replay)
+            want = slow_pruned_forward(base, x[b:b + 1], replay)
         assert torch.allclose(logits[b], want, atol=1e-10)
     logits.sum().backward()
     for i in BLOCKS:

@@ -45,7 +45,8 @@ class Patch:
     cost model, the target's class before the patch (for :func:`remove`), and what the last
     forward left: its statistics (built when first asked for: a forward only records the token
     counts and positions) and the weight of each output token in pooling (a merged token weighs
-    the patches it holds; padding weighs nothing; None: all weigh one)."""
+    the patches it holds; padding and a token a training mask dropped weigh nothing; None: all
+    weigh one)."""
     config: PatchConfig
     parts: tuple
     cost: object
@@ -170,7 +171,7 @@ def run_blocks(blocks: Sequence, x: Tensor, num_prefix: int, patch: Patch, grad_
         counts.append(tokens.layout.counts())
     patch.keep_masks = tuple(keep_masks)
     patch.last = partial(make_stats, config, patch.cost if cost is None else cost, n, P, counts, tuple(positions))
-    patch.pool_weight = tokens.size if tokens.size is not None else tokens.layout.valid
+    patch.pool_weight = next((w for w in (tokens.size, tokens.keep, tokens.layout.valid) if w is not None), None)
     return tokens
 
 
