@@ -80,7 +80,7 @@ def run_finetune(options: FinetuneOptions) -> List[Dict]:
         if teacher is not None:
             budgets = validate(teacher, **method.patch_arguments()).num_tokens  # one per pruning block
             objective = _dynamicvit_objective(model, teacher.to(device), budgets, config.label_smoothing)
-            lr_scale = lambda name: 1.0 if name.startswith(PREDICTORS + ".") else BACKBONE_LR_SCALE  # noqa: E731
+            lr_scale = _predictors_first
         history = fit(model, train_set, test_set, num_classes(test_set), config, out, device, d,
                       saved=saved, on_epoch=say, objective=objective, lr_scale=lr_scale)
         if d.main:
@@ -96,6 +96,11 @@ def run_finetune(options: FinetuneOptions) -> List[Dict]:
 
 def _blocks(model: nn.Module, options: FinetuneOptions) -> Sequence[int]:
     return tuple(options.blocks) if options.blocks is not None else default_blocks(model, options.reducer)
+
+
+def _predictors_first(name: str) -> float:
+    """DynamicViT's learning-rate scale of a parameter: 1 for its predictors, far less for the backbone."""
+    return 1.0 if name.startswith(PREDICTORS + ".") else BACKBONE_LR_SCALE
 
 
 def _frozen(model: nn.Module) -> nn.Module:
