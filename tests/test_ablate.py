@@ -7,6 +7,7 @@ import pytest
 from conftest import run
 
 
+@pytest.mark.slow  # over 10 s on the 2-core CPU
 def test_ablate_matches_every_variant_to_the_target_gmacs(tmp_path, capsys):
     code, out, err = run(["ablate", "--limit", "64", "--calib-images", "64", "--batch-size", "64",
                           "--reductions", "0.5", "--timing-repeats", "1", "--workers", "0", "--out", str(tmp_path)],

@@ -130,6 +130,7 @@ def test_torch_compile_gives_the_same_outputs():
     assert ats_vit.last_stats(model).num_kept.shape == (4, 9)
 
 
+@pytest.mark.slow  # over 10 s on the 2-core CPU
 def test_bench_compile_times_the_compiled_models(tmp_path, capsys, monkeypatch):
     """--compile runs every timed model through torch.compile (here with a recording backend,
     not inductor, to stay fast): each one is compiled and its graphs are what runs."""

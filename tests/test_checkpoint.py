@@ -77,6 +77,7 @@ def _result(out: Path):
     return rows, load_file(str(out / "last.safetensors"))
 
 
+@pytest.mark.slow  # over 10 s on the 2-core CPU
 def test_a_kill_at_every_write_boundary_resumes_bit_for_bit(tmp_path, capsys):
     full = tmp_path / "full"
     copies = _run_with_snapshots(replace(TINY, out=str(full)), tmp_path / "snapshots")

@@ -228,6 +228,7 @@ def test_learning_rate_groups_scale_the_backbone_and_keep_timms_weight_decay_spl
         assert decay == (0.0 if p.ndim <= 1 or name in ("pos_embed", "cls_token") else 0.05), name
 
 
+@pytest.mark.slow  # over 10 s on the 2-core CPU
 def test_finetune_trains_dynamicvit_and_its_checkpoint_loads_with_the_predictors(tmp_path, capsys):
     """`finetune --reducer dynamicvit`: two AdamW steps move the predictors at --lr and the
     backbone at 0.01 x --lr; the saved file holds both and loads back key for key."""

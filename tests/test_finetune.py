@@ -100,6 +100,7 @@ def test_more_processes_than_images_is_refused():
     assert sum(blocks, []) == list(range(7))  # contiguous, each image once, in rank order
 
 
+@pytest.mark.slow  # over 10 s on the 2-core CPU
 def test_two_process_eval_equals_one_process(tmp_path):
     args = ["eval", "--limit", "64", "--batch-size", "16", "--num-tokens", "0.5", "--workers", "0",
             "--calib-images", "16", "--timing-repeats", "1"]
@@ -115,6 +116,7 @@ def test_two_process_eval_equals_one_process(tmp_path):
     assert [{k: r[k] for k in keys} for r in one["rows"]] == [{k: r[k] for k in keys} for r in both["rows"]]
 
 
+@pytest.mark.slow  # over 10 s on the 2-core CPU
 def test_two_process_finetune_lowers_the_loss(tmp_path):
     out = tmp_path / "ddp"
     done = _torchrun(["finetune", "--num-tokens", "0.3", "--limit", "512", "--batch-size", "64", "--epochs", "3",

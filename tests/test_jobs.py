@@ -109,6 +109,7 @@ with setup("cpu") as (d, device):
 """
 
 
+@pytest.mark.slow  # over 10 s on the 2-core CPU
 def test_two_process_training_takes_the_steps_of_one_process(tmp_path):
     """Same global batches (DistributedSampler splits each between the ranks), no random
     augmentation: two gloo processes must end on the weights one process reaches."""
