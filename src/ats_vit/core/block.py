@@ -152,22 +152,19 @@ def dense_block(block: BlockParts, tokens: Tokens) -> Tokens:
     h = block.norm1(tokens.x)
     projected = attn.project(h)
     padded = layout.valid is not None and tokens.key_bias is None  # padding keys, no bias to add
-    if tokens.keep is not None:
-        q, k, v = split_heads(attn, projected, layout)
-        out = layout.unpad(keep_masked_attention(q, k, v, tokens.keep, attn.scale, attn.dropout_p)
-                           .transpose(1, 2).flatten(2))
-    elif padded and _varlen(attn, layout, projected):  # the packed rows as they are: no padding
+    if padded and tokens.keep is None and _varlen(attn, layout, projected):  # the packed rows as they are
         counts, longest = layout.counts(), layout.shape[1]
         out = varlen_attention(*split_heads(attn, projected, None), counts, counts, longest, longest,
                                attn.scale).flatten(1)
-    elif padded and layout.packed:
-        q, k, v = split_heads(attn, projected, layout)
-        out = layout.unpad(attend(q, k, v, layout.valid, layout.valid, True, attn.scale, attn.dropout_p,
-                                  attn.fused).transpose(1, 2).flatten(2))
     else:
         q, k, v = split_heads(attn, projected, layout)
-        out = layout.unpad(sdpa(q, k, v, _key_mask(tokens), attn.scale, attn.dropout_p,
-                                attn.fused).transpose(1, 2).flatten(2))
+        if tokens.keep is not None:
+            out = keep_masked_attention(q, k, v, tokens.keep, attn.scale, attn.dropout_p)
+        elif padded and layout.packed:
+            out = attend(q, k, v, layout.valid, layout.valid, True, attn.scale, attn.dropout_p, attn.fused)
+        else:
+            out = sdpa(q, k, v, _key_mask(tokens), attn.scale, attn.dropout_p, attn.fused)
+        out = layout.unpad(out.transpose(1, 2).flatten(2))
     y = mlp_residual(block, attention_residual(block, tokens.x, h, out, layout), layout)
     return Tokens(y, layout, tokens.positions, tokens.size, tokens.key_bias, tokens.keep)
 

@@ -11,7 +11,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..hosts import default_blocks, training_outputs, validate
+from ..core.budget import check_num_tokens
+from ..hosts import default_blocks, training_outputs
 from ..reducers.dynamicvit import PREDICTORS, dynamicvit_loss, keep_targets
 from .distributed import setup
 from .evaluation import Method, apply_method
@@ -78,7 +79,7 @@ def run_finetune(options: FinetuneOptions) -> List[Dict]:
         say = (lambda row: print(json.dumps(row), flush=True)) if d.main else (lambda row: None)
         objective, lr_scale = None, None
         if teacher is not None:
-            budgets = validate(teacher, **method.patch_arguments()).num_tokens  # one per pruning block
+            budgets = check_num_tokens(method.num_tokens, len(method.blocks))  # one per pruning block
             objective = _dynamicvit_objective(model, teacher.to(device), budgets, config.label_smoothing)
             lr_scale = _predictors_first
         history = fit(model, train_set, test_set, num_classes(test_set), config, out, device, d,

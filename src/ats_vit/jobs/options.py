@@ -140,7 +140,8 @@ def _samplers() -> List[str]:
 
 
 def _reducers() -> List[str]:
-    return ["ats", "dynamicvit"]
+    from ..reducers import TRAINED  # the rivals that need no training are ablate's, not a command's
+    return ["ats", *TRAINED]
 
 
 def _default_device() -> str:
