@@ -72,6 +72,29 @@ def test_keep_masked_attention_sees_the_kept_keys_and_itself():
                 assert torch.allclose(out[b, h, i], want, atol=1e-12)
 
 
+def test_keep_masked_attention_gradients_equal_the_written_out_softmax_chain():
+    """The hand-written backward against autograd through the plain formula, in float64: the
+    queries', keys', values' and (straight-through Gumbel's route to the predictors) the
+    mask's gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    keep = torch.tensor([[1, 1, 0, 1, 0, 0, 1], [1, 0, 0, 0, 0, 1, 0]], dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, 7, 4, dtype=torch.float64)
+
+    def plain(q, k, v, keep):
+        e = (0.5 * q @ k.transpose(-2, -1)).exp()
+        eye = torch.eye(7, dtype=torch.float64)
+        w = e * (keep[:, None, None, :] * (1 - eye) + eye)
+        return (w / w.sum(dim=-1, keepdim=True)) @ v
+
+    got = torch.autograd.grad((keep_masked_attention(q, k, v, keep, 0.5) * weights).sum(), (q, k, v, keep))
+    want = torch.autograd.grad((plain(q, k, v, keep) * weights).sum(), (q, k, v, keep))
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-12)
+    assert got[3].abs().min() > 1e-6  # every key's mask entry, dropped ones too, gets a gradient
+    assert torch.autograd.gradcheck(lambda q, keep: keep_masked_attention(q, k, v, keep, 0.5), (q, keep))
+
+
 def slow_pruned_forward(model, image: torch.Tensor, keep_per_block) -> torch.Tensor:
     """Logits of one image (1, C, H, W) through timm's own blocks, the patch tokens that
     ``keep_per_block(block, tokens)`` returns (indices into the current patch tokens) kept before

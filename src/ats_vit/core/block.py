@@ -43,15 +43,46 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, 
     return (F.dropout(probs, dropout_p) if dropout_p else probs) @ v
 
 
+class _KeepMaskedSoftmax(torch.autograd.Function):
+    """DynamicViT's masked softmax over the last axis of attention logits (B, H, N, N): the
+    terms ``exp(logit)`` times the keep mask (B, N) off the diagonal (each query keeps itself),
+    renormalised. Written out, autograd keeps every intermediate of that chain and its backward
+    runs about twice as many full-size passes; this keeps only E = exp(logit) / Z (Z the masked
+    sum) and the mask. With A = E * mask and s = sum_j gA * A per query, the gradients are
+    A * (gA - s) for the logits and, summed over heads and queries, E * (gA - s) for the mask
+    (its diagonal is a constant and gets none)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, keep: Tensor) -> Tensor:
+        B, N = keep.shape
+        mask = keep.to(logits.dtype)[:, None, :].repeat(1, N, 1)
+        mask.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+        mask = mask[:, None]  # (B, 1, N, N), shared by the heads
+        e = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
+        probs = e * mask
+        z = probs.sum(dim=-1, keepdim=True)
+        probs.div_(z)
+        ctx.save_for_backward(e.div_(z), mask)
+        ctx.keep_dtype = keep.dtype
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        e, mask = ctx.saved_tensors
+        probs = e * mask
+        shifted = grad - (grad * probs).sum(dim=-1, keepdim=True)
+        grad_keep = None
+        if ctx.needs_input_grad[1]:
+            g = (e * shifted).sum(dim=1)  # (B, N, N): over heads
+            grad_keep = (g.sum(dim=1) - g.diagonal(dim1=-2, dim2=-1)).to(ctx.keep_dtype)
+        return probs.mul_(shifted), grad_keep
+
+
 def keep_masked_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
     """Attention (B, H, N, d) in which each query sees the kept keys and itself: the softmax's
     terms multiplied by ``keep`` (B, N) off the diagonal and renormalised (DynamicViT's training
     mask), so the loss is differentiable in the mask."""
-    logits = (q * scale) @ k.transpose(-2, -1)
-    e = (logits - logits.amax(dim=-1, keepdim=True)).exp()
-    eye = torch.eye(keep.shape[1], dtype=e.dtype, device=e.device)
-    w = e * (keep.to(e.dtype)[:, None, None, :] * (1 - eye) + eye)
-    probs = w / w.sum(dim=-1, keepdim=True)
+    probs = _KeepMaskedSoftmax.apply((q * scale) @ k.transpose(-2, -1), keep)
     return (F.dropout(probs, dropout_p) if dropout_p else probs) @ v
 
 
