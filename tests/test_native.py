@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ats_vit.core import native
-from ats_vit.core.block import select
+from ats_vit.core.block import select, varlen_attention_reference
 from ats_vit.core.sampling import inverse_transform_reference, inverse_transform_sampling, k_per_row
 from ats_vit.core.scoring import class_attention_value_norm, class_attention_value_norm_reference
 from ats_vit.core.tokens import Layout, Tokens
@@ -103,6 +103,34 @@ def test_native_selection_returns_what_the_twin_returns(packed, mask, monkeypatc
             assert torch.equal(ours[1].valid, twin[1].valid)
 
 
+def _packed(counts, heads, width, dtype, g):
+    """Packed rows (T, H, d) of images holding ``counts`` rows, as strided views of one
+    projection (T, 3, H, d), the way a block's qkv splits them; and the offsets (B + 1,)."""
+    rows = torch.randn(int(sum(counts)), 3, heads, width, generator=g).to(dtype)
+    return rows.unbind(1), torch.tensor([0] + counts).cumsum(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_native_varlen_attention_equals_the_twin_bit_for_bit_and_per_image_softmax(dtype):
+    """Kept queries over entering keys, counts that differ per image (one image of a single
+    row among them): the native kernel gives the twin's bits, and both equal each image's own
+    softmax attention computed in float64."""
+    g = torch.Generator().manual_seed(0)
+    k_counts = [197, 1, 60, 130, 197, 3]
+    q_counts = [120, 1, 60, 7, 197, 2]
+    (_, k, v), cu_k = _packed(k_counts, 3, 16, dtype, g)
+    (q, _, _), cu_q = _packed(q_counts, 3, 16, dtype, g)
+    ours = torch.ops.ats_vit.varlen_attention(q, k, v, cu_q, cu_k, 0.25)
+    twin = varlen_attention_reference(q, k, v, cu_q, cu_k, 0.25)
+    assert ours.shape == q.shape and torch.equal(ours, twin)
+    for b in range(len(q_counts)):
+        qi, ki, vi = (t[a:e].double().transpose(0, 1) for t, a, e in
+                      ((q, cu_q[b], cu_q[b + 1]), (k, cu_k[b], cu_k[b + 1]), (v, cu_k[b], cu_k[b + 1])))
+        want = ((0.25 * qi @ ki.transpose(1, 2)).softmax(-1) @ vi).transpose(0, 1)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+        assert (ours[cu_q[b]:cu_q[b + 1]].double() - want).abs().max() <= tol, b
+
+
 def test_without_a_compiler_the_twin_is_used_with_one_warning(tmp_path):
     """A failed build (here: a source that does not compile) warns once and falls back."""
     broken = tmp_path / "broken.cpp"
@@ -114,10 +142,14 @@ native.SOURCES = [{str(broken)!r}]
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     assert not native.available() and not native.available()
-assert len(caught) == 1 and "native selection op unavailable" in str(caught[0].message), caught
+assert len(caught) == 1 and "native ops unavailable" in str(caught[0].message), caught
 from ats_vit.core.sampling import inverse_transform_sampling, inverse_transform_reference
 s = torch.rand(4, 30) ** 3
 assert torch.equal(inverse_transform_sampling(s, 9), inverse_transform_reference(s, torch.full((4,), 9)))
+from ats_vit.core.block import varlen_attention, varlen_attention_reference
+q, k, v = (torch.randn(30, 2, 8) for _ in range(3))
+counts, cu = torch.tensor([10, 20]), torch.tensor([0, 10, 30])
+assert torch.equal(varlen_attention(q, k, v, counts, counts, 20, 20, 0.3), varlen_attention_reference(q, k, v, cu, cu, 0.3))
 print("fallback ok")
 """
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))

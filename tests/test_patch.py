@@ -166,6 +166,36 @@ def test_variable_length_attention_equals_the_padded_layout(monkeypatch):
     assert (out.float() - reference.float()).abs().max() <= 0.05 * reference.float().abs().max()
 
 
+def test_packed_inference_on_the_cpu_attends_without_padding_and_training_pads():
+    """On the CPU a packed batch's inference runs the native variable-length kernel in each of
+    the 9 ATS blocks (3-11), with the padded layout's logits; a forward that needs gradients pads
+    (the kernel has no backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.varlen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.varlen += func is torch.ops.ats_vit.varlen_attention.default
+            return func(*args, **(kwargs or {}))
+
+    base = make_vit("deit3_small_patch16_224", img_size=96)
+    x = images(6, dtype=torch.float64)
+    packed = patched(base, num_tokens=0.9, mode="packed").double()
+    padded = patched(base, num_tokens=0.9, mode="padded").double()
+    with torch.no_grad(), Calls() as calls:
+        out = packed(x)
+    assert len(set(ats_vit.last_stats(packed).num_kept[:, -1].tolist())) > 1, "the batch must be padded"
+    assert calls.varlen == 9
+    with torch.no_grad():
+        assert (out - padded(x)).abs().max() <= 1e-10
+    with Calls() as calls:
+        packed(x)
+    assert calls.varlen == 0
+
+
 def test_off_the_cpu_the_bookkeeping_reads_the_device_once_per_ats_block(monkeypatch):
     """On an accelerator every read of a device value waits for the device. The path a GPU takes
     (selection in PyTorch operations, samplers that keep a width known from the shapes, flash

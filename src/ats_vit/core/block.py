@@ -118,17 +118,36 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, q_counts: Tensor, k_counts
     """Attention of each image's queries over its own keys, every image packed flat: ``q``
     (Tq, H, d), ``k`` and ``v`` (Tk, H, d), image after image as ``q_counts`` and ``k_counts``
     (B,) say, at most ``max_q`` and ``max_k`` each (known from the layouts' shapes: no host
-    read); (Tq, H, d) out."""
-    cu_q, cu_k = (F.pad(c.cumsum(0), (1, 0)).to(torch.int32) for c in (q_counts, k_counts))
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
+    read); (Tq, H, d) out. Flash attention's varlen kernel on VARLEN_DEVICES; elsewhere (the CPU)
+    the native per-image kernel, or its twin :func:`varlen_attention_reference` without one."""
+    cu_q, cu_k = (F.pad(c.cumsum(0), (1, 0)) for c in (q_counts, k_counts))
+    if q.device.type in VARLEN_DEVICES:
+        return varlen_attn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, scale=scale)
+    if native.available():
+        return torch.ops.ats_vit.varlen_attention(q, k, v, cu_q, cu_k, scale)
+    return varlen_attention_reference(q, k, v, cu_q, cu_k, scale)
+
+
+def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float) -> Tensor:
+    """The native ``ats_vit::varlen_attention``'s pure-PyTorch twin, the same bits: SDPA on each
+    image's rows (cumulative row offsets ``cu_q``, ``cu_k``, (B + 1,)) viewed as (1, H, n, d)."""
+    def rows(t: Tensor, start: int, end: int) -> Tensor:
+        return t[start:end].transpose(0, 1)[None]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return torch.cat([F.scaled_dot_product_attention(rows(q, a, b), rows(k, c, e), rows(v, c, e), scale=scale)[0]
+                      .transpose(0, 1) for a, b, c, e in zip(cq, cq[1:], ck, ck[1:])])
 
 
 def _varlen(attn: AttentionParts, layout: Layout, t: Tensor) -> bool:
     """Whether a packed batch attends without padding here, given its queries or projection
-    ``t``: the kernel is flash attention's, so half precision only (autocast gives it), and it
-    has no dropout."""
-    return (layout.packed and t.device.type in VARLEN_DEVICES and t.dtype in (torch.float16, torch.bfloat16)
-            and attn.fused and attn.dropout_p == 0.0)
+    ``t``. Neither kernel has dropout. Flash attention's (VARLEN_DEVICES) takes half precision
+    only (autocast gives it); the CPU's has no backward, so it serves inference, where it beats
+    padded attention by 1.2-1.8x at batch 8-64 (benchmarks/varlen_cpu.py)."""
+    if not (layout.packed and attn.fused and attn.dropout_p == 0.0):
+        return False
+    if t.device.type in VARLEN_DEVICES:
+        return t.dtype in (torch.float16, torch.bfloat16)
+    return t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled())
 
 
 def _rows(t: Tensor, layout: Layout) -> Tensor:
@@ -244,13 +263,15 @@ def ats_block(block: BlockParts, tokens: Tokens, num_prefix: int, k: K, sampler:
     """
     attn, layout = block.attn, tokens.layout
     h = block.norm1(tokens.x)
-    q, keys, v = qkv(attn, h, layout)
+    projected = attn.project(h)
+    q, keys, v = split_heads(attn, projected, layout)
 
     with record_function(SELECT_RANGE):
         q, new_layout, flat_rows, positions = select(q, keys, v, tokens, num_prefix, attn.scale, k, sampler, scorer)
-    if _varlen(attn, layout, q):
-        out = varlen_attention(_rows(q, new_layout), _rows(keys, layout), _rows(v, layout), new_layout.counts(),
-                               layout.counts(), new_layout.shape[1], layout.shape[1], attn.scale).flatten(1)
+    if (layout.valid is not None or new_layout.valid is not None) and _varlen(attn, layout, q):  # padding to skip
+        _, key_rows, value_rows = split_heads(attn, projected, None)  # the packed rows as they are
+        out = varlen_attention(_rows(q, new_layout), key_rows, value_rows, new_layout.counts(), layout.counts(),
+                               new_layout.shape[1], layout.shape[1], attn.scale).flatten(1)
     else:
         out = attend(q, keys, v, new_layout.valid, layout.valid, layout.packed, attn.scale, attn.dropout_p,
                      attn.fused)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-SOURCES = [Path(__file__).with_name("csrc") / "select.cpp"]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("select.cpp", "varlen.cpp")]
 # -ffp-contract=off: no fused multiply-add, so float arithmetic rounds as PyTorch's does.
 FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
 
@@ -42,9 +42,9 @@ def _load() -> bool:
         load(name="ats_vit_native", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler or ninja, or a failed build: the twins compute the same
-        warnings.warn(f"ats_vit: native selection op unavailable ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using the "
-                      "pure-PyTorch version, which picks the same tokens more slowly", RuntimeWarning)
+        warnings.warn(f"ats_vit: native ops unavailable ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using their "
+                      "pure-PyTorch versions, which compute the same more slowly", RuntimeWarning)
         return False
 
     @torch.library.register_fake("ats_vit::inverse_transform")
@@ -66,6 +66,10 @@ def _load() -> bool:
                 q.new_empty((rows,), dtype=torch.long),
                 q.new_empty((B, kept), dtype=torch.long), q.new_empty((ctx.new_dynamic_size(), width), dtype=torch.bool),
                 q.new_empty((B, width), dtype=torch.long))
+
+    @torch.library.register_fake("ats_vit::varlen_attention")
+    def _(q, k, v, cu_q, cu_k, scale):
+        return torch.empty_like(q)
 
     # The class row's q kᵀ, so torch.utils.flop_counter counts what the MAC model counts.
     @register_flop_formula([torch.ops.ats_vit.cls_value_scores, torch.ops.ats_vit.ats_select])

@@ -1,0 +1,141 @@
+"""Variable-length attention on the CPU, issue 15's item 2: each image's kept queries over its own
+entering keys, every image's rows packed flat, by three routes that give the same numbers:
+
+- padded: today's path (:func:`ats_vit.core.block.attend`): pad to the batch's longest, SDPA with
+  a key mask, images grouped by key count when that saves work, unpad;
+- flex: ``torch.nn.attention.flex_attention`` compiled (inductor's CPU kernel) on the packed rows
+  as one sequence, with a document mask (a query sees the keys of its own image), the block mask
+  built per call since the counts change with every batch;
+- loop: one SDPA call per image on its own rows (no padding at all, one call per image).
+
+The counts are ATS's own: the kept and entering counts of every ATS block of the bundled model
+(released configuration) on the first test images, and for the DeiT-S shape (6 heads of 64) the
+same counts. Times each route on the same inputs in interleaved rounds (median), checks they agree,
+prints a table and writes JSON.
+
+    python benchmarks/varlen_cpu.py [--batches 8,64] [--rounds 20] [--out runs/varlen]
+"""
+import argparse
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import ats_vit
+from ats_vit.core import native
+from ats_vit.core.block import attend
+from ats_vit.core.tokens import Layout
+from ats_vit.jobs.loading import first_images, load_dataset, load_model
+from ats_vit.jobs.report import format_table, machine, write_json
+
+SHAPES = {"bundled": (3, 16), "deit_s": (6, 64)}  # heads, head width
+
+
+def ats_counts(batch: int) -> list:
+    """(entering, kept) token counts (B,) of each ATS block of the bundled model on real images."""
+    model = ats_vit.apply(load_model())
+    with torch.no_grad():
+        model(first_images(load_dataset("fashion-mnist", model), batch))
+    kept = ats_vit.last_stats(model).num_kept + model.num_prefix_tokens  # (B, blocks), prefix included
+    entering = torch.cat([torch.full((batch, 1), kept.new_tensor(197)), kept[:, :-1]], dim=1)
+    return [(entering[:, i], kept[:, i]) for i in range(kept.shape[1])]
+
+
+def layout_of(counts: torch.Tensor) -> Layout:
+    """The packed layout of images holding ``counts`` tokens each."""
+    width = int(counts.max())
+    valid = torch.arange(width)[None] < counts[:, None]
+    start = F.pad(counts.cumsum(0), (1, 0))[:-1]
+    index = torch.where(valid, start[:, None] + torch.arange(width)[None], start[:, None])
+    return Layout(index, valid if not bool(valid.all()) else None, True)
+
+
+def padded(q, k, v, q_layout: Layout, k_layout: Layout, scale: float):
+    qp, kp, vp = (lay.pad(t).transpose(1, 2) for lay, t in ((q_layout, q), (k_layout, k), (k_layout, v)))
+    out = attend(qp, kp, vp, q_layout.valid, k_layout.valid, True, scale)
+    return q_layout.unpad(out.transpose(1, 2))
+
+
+# Static shapes: with dynamic=True inductor's CPU flex template fails to compile in torch 2.14.1
+# ("'cur_kvSplitSize1' was not declared"), so the packed lengths are rounded up to whole blocks and
+# each length pair compiles once (the warm-up compiles them all: flex's best case).
+BLOCK = 128
+torch._dynamo.config.recompile_limit = 1024
+compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+
+def _documents(counts: torch.Tensor, filler: int) -> torch.Tensor:
+    """The image of each packed row, rounded up to whole blocks with ``filler``."""
+    doc = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return F.pad(doc, (0, -len(doc) % BLOCK), value=filler)
+
+
+def flex(q, k, v, q_counts, k_counts, scale: float):
+    q_doc, k_doc = _documents(q_counts, -1), _documents(k_counts, -2)  # filler rows see nothing
+    mask = create_block_mask(lambda b, h, i, j: q_doc[i] == k_doc[j], None, None, len(q_doc), len(k_doc),
+                             device="cpu")
+    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, len(doc) - len(t))).transpose(0, 1)[None]
+               for t, doc in ((q, q_doc), (k, k_doc), (v, k_doc)))
+    out = compiled_flex(q, k, v, block_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)[:int(q_counts.sum())]
+
+
+def loop(q, k, v, q_counts, k_counts, scale: float):
+    outs = [F.scaled_dot_product_attention(a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1), scale=scale)
+            for a, b, c in zip(q.split(q_counts.tolist()), k.split(k_counts.tolist()), v.split(k_counts.tolist()))]
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="8,64")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--out", default="runs/varlen")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    assert native.available(), "the native ops did not build"
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        blocks = ats_counts(batch)
+        for case, (heads, width) in SHAPES.items():
+            scale = width ** -0.5
+            inputs = []
+            for k_counts, q_counts in blocks:
+                q = torch.randn(int(q_counts.sum()), heads, width)
+                k, v = (torch.randn(int(k_counts.sum()), heads, width) for _ in range(2))
+                inputs.append((q, k, v, q_counts, k_counts, layout_of(q_counts), layout_of(k_counts)))
+            routes = {
+                "padded": lambda q, k, v, qc, kc, ql, kl: padded(q, k, v, ql, kl, scale),
+                "flex": lambda q, k, v, qc, kc, ql, kl: flex(q, k, v, qc, kc, scale),
+                "loop": lambda q, k, v, qc, kc, ql, kl: loop(q, k, v, qc, kc, scale),
+                "native": lambda q, k, v, qc, kc, ql, kl: torch.ops.ats_vit.varlen_attention(
+                    q, k, v, F.pad(qc.cumsum(0), (1, 0)), F.pad(kc.cumsum(0), (1, 0)), scale),
+            }
+            with torch.no_grad():
+                want = [routes["loop"](*x) for x in inputs]
+                error = {}
+                for name, route in routes.items():  # warm-up (compiles flex) and agreement
+                    error[name] = max(float((route(*x) - w).abs().max()) for x, w in zip(inputs, want))
+                times = {name: [] for name in routes}
+                for _ in range(args.rounds):
+                    for name, route in routes.items():
+                        start = time.perf_counter()
+                        for x in inputs:
+                            route(*x)
+                        times[name].append(time.perf_counter() - start)
+            base = median(times["padded"])
+            for name in routes:
+                rows.append({"case": case, "batch": batch, "route": name,
+                             "us_per_block": 1e6 * median(times[name]) / len(inputs),
+                             "vs_padded": base / median(times[name]), "max_abs_error": error[name]})
+    print(format_table(rows, ["case", "batch", "route", "us_per_block", "vs_padded", "max_abs_error"]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "varlen_cpu.json", {"rows": rows, "rounds": args.rounds, **machine("cpu")})
+
+
+if __name__ == "__main__":
+    main()
