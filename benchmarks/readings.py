@@ -1,7 +1,9 @@
 """The ablation readings of an `ats-vit ablate` run, each with its verdict from the paired 95%
 intervals in its results.json: "holds" when the whole interval of (ATS - variant) top-1 favours
 the claim, "does not hold" when it favours the opposite, "cannot tell" when it straddles zero.
-Prints a Markdown table (one column per budget) and writes it to JSON beside the results.
+Prints a Markdown table (one column per budget) and writes it to JSON beside the results; given
+several runs (e.g. two models'), also one table of the verdicts side by side, marking each reading
+and budget where they disagree.
 
     python benchmarks/readings.py runs/ablate [more ablate folders, e.g. a second model's]
 """
@@ -43,6 +45,7 @@ def readings(folder: Path) -> list:
 
 
 def main() -> None:
+    runs = []
     for folder in map(Path, sys.argv[1:]):
         found = readings(folder)
         budgets = sorted({b for r in found for b in r["cells"]})
@@ -56,6 +59,23 @@ def main() -> None:
                 "-" if c is None else f"{c['verdict']} ({c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}])"
                 for c in cells) + " |")
         (folder / "readings.json").write_text(json.dumps(found, indent=2))
+        runs.append((meta["model"], found))
+    if len(runs) > 1:
+        side_by_side(runs)
+
+
+def side_by_side(runs: list) -> None:
+    """The runs' verdicts per reading and budget, "/" between models; **disagree** where they differ."""
+    budgets = sorted({b for _, found in runs for r in found for b in r["cells"]})
+    print("\nVerdicts, " + " / ".join(model for model, _ in runs) + ":\n")
+    print("| reading | " + " | ".join(f"{b} GMACs" for b in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for i, (claim, _) in enumerate(READINGS):
+        cells = []
+        for b in budgets:
+            verdicts = [found[i]["cells"].get(b, {}).get("verdict", "-") for _, found in runs]
+            cells.append(" / ".join(verdicts) + (" **disagree**" if len(set(verdicts)) > 1 else ""))
+        print(f"| {claim} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
