@@ -134,5 +134,7 @@ def test_train_command_logs_checkpoints_and_refuses_to_resume_a_finished_run(tmp
     code, _, err = run(args, capsys)
     assert code == 0, err
     assert [r["step"] for r in _log(out)] == [2] and (out / "vit_fmnist_patch2_28.safetensors").is_file()
+    meta = json.loads((out / "vit_fmnist_patch2_28.json").read_text())
+    assert meta["train_seconds"] == round(sum(r["epoch_seconds"] for r in _log(out)), 1)
     code, _, err = run(args + ["--resume"], capsys)
     assert code == 2 and "already finished its 1 epochs" in err and one_error_line(err)

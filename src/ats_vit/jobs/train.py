@@ -65,7 +65,9 @@ def run_train(options: TrainOptions) -> dict:
     meta = {
         "model": options.model, "command": options.command, "seed": options.seed,
         "epochs": options.epochs, "train_images": len(train_set), "test_images": len(test_set),
-        "wall_seconds": round(time.time() - start, 1), "test_top1": history[-1]["test_top1"],
+        # this process's time, and every epoch's training time (resumed runs' epochs included)
+        "wall_seconds": round(time.time() - start, 1), "train_seconds": round(sum(r["epoch_seconds"] for r in history), 1),
+        "test_top1": history[-1]["test_top1"],
         "config": vars(config), **machine("cpu"), "timm": timm.__version__,
     }
     write_json(meta_path, meta)  # last: it marks the run as finished
