@@ -141,8 +141,9 @@ def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu
 def _varlen(attn: AttentionParts, layout: Layout, t: Tensor) -> bool:
     """Whether a packed batch attends without padding here, given its queries or projection
     ``t``. Neither kernel has dropout. Flash attention's (VARLEN_DEVICES) takes half precision
-    only (autocast gives it); the CPU's has no backward, so it serves inference, where it beats
-    padded attention by 1.2-1.8x at batch 8-64 (benchmarks/varlen_cpu.py)."""
+    only (autocast gives it); the CPU's has no backward, so it serves inference (1.3-1.9x faster
+    than padded attention at batch 8-64, though within noise of it end to end:
+    benchmarks/varlen_cpu.py)."""
     if not (layout.packed and attn.fused and attn.dropout_p == 0.0):
         return False
     if t.device.type in VARLEN_DEVICES:
