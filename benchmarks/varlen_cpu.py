@@ -6,7 +6,8 @@ entering keys, every image's rows packed flat, by three routes that give the sam
 - flex: ``torch.nn.attention.flex_attention`` compiled (inductor's CPU kernel) on the packed rows
   as one sequence, with a document mask (a query sees the keys of its own image), the block mask
   built per call since the counts change with every batch;
-- loop: one SDPA call per image on its own rows (no padding at all, one call per image).
+- loop: one SDPA call per image on its own rows, in Python (the native kernel's twin,
+  :func:`ats_vit.core.block.varlen_attention_reference`).
 
 The counts are ATS's own: the kept and entering counts of every ATS block of the bundled model
 (released configuration) on the first test images, and for the DeiT-S shape (6 heads of 64) the
@@ -18,7 +19,6 @@ padded attention, in paired rounds.
     python benchmarks/varlen_cpu.py [--batches 8,64] [--rounds 20] [--out runs/varlen]
 """
 import argparse
-import copy
 import time
 from pathlib import Path
 from statistics import median
@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import ats_vit
-from ats_vit.core import native
-from ats_vit.core import block
-from ats_vit.core.block import attend
+from ats_vit.core import block, native
+from ats_vit.core.block import attend, varlen_attention_reference
 from ats_vit.core.tokens import Layout
 from ats_vit.jobs.evaluation import Method, budget_for, image_gmacs
 from ats_vit.jobs.loading import first_images, load_dataset, load_model
@@ -54,7 +53,7 @@ def layout_of(counts: torch.Tensor) -> Layout:
     """The packed layout of images holding ``counts`` tokens each."""
     width = int(counts.max())
     valid = torch.arange(width)[None] < counts[:, None]
-    start = F.pad(counts.cumsum(0), (1, 0))[:-1]
+    start = offsets(counts)[:-1]
     index = torch.where(valid, start[:, None] + torch.arange(width)[None], start[:, None])
     return Layout(index, valid if not bool(valid.all()) else None, True)
 
@@ -73,6 +72,11 @@ torch._dynamo.config.recompile_limit = 1024
 compiled_flex = torch.compile(flex_attention, dynamic=False)
 
 
+def offsets(counts: torch.Tensor) -> torch.Tensor:
+    """Cumulative row offsets (B + 1,) of images holding ``counts`` rows."""
+    return F.pad(counts.cumsum(0), (1, 0))
+
+
 def _documents(counts: torch.Tensor, filler: int) -> torch.Tensor:
     """The image of each packed row, rounded up to whole blocks with ``filler``."""
     doc = torch.repeat_interleave(torch.arange(len(counts)), counts)
@@ -87,12 +91,6 @@ def flex(q, k, v, q_counts, k_counts, scale: float):
                for t, doc in ((q, q_doc), (k, k_doc), (v, k_doc)))
     out = compiled_flex(q, k, v, block_mask=mask, scale=scale)
     return out[0].transpose(0, 1)[:int(q_counts.sum())]
-
-
-def loop(q, k, v, q_counts, k_counts, scale: float):
-    outs = [F.scaled_dot_product_attention(a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1), scale=scale)
-            for a, b, c in zip(q.split(q_counts.tolist()), k.split(k_counts.tolist()), v.split(k_counts.tolist()))]
-    return torch.cat(outs, dim=1).transpose(0, 1)
 
 
 def main() -> None:
@@ -116,9 +114,10 @@ def main() -> None:
             routes = {
                 "padded": lambda q, k, v, qc, kc, ql, kl: padded(q, k, v, ql, kl, scale),
                 "flex": lambda q, k, v, qc, kc, ql, kl: flex(q, k, v, qc, kc, scale),
-                "loop": lambda q, k, v, qc, kc, ql, kl: loop(q, k, v, qc, kc, scale),
+                "loop": lambda q, k, v, qc, kc, ql, kl: varlen_attention_reference(q, k, v, offsets(qc), offsets(kc),
+                                                                                 scale),
                 "native": lambda q, k, v, qc, kc, ql, kl: torch.ops.ats_vit.varlen_attention(
-                    q, k, v, F.pad(qc.cumsum(0), (1, 0)), F.pad(kc.cumsum(0), (1, 0)), scale),
+                    q, k, v, offsets(qc), offsets(kc), scale),
             }
             with torch.no_grad():
                 want = [routes["loop"](*x) for x in inputs]
