@@ -112,6 +112,18 @@ def test_range_share_is_the_time_inside_the_named_ranges():
     assert range_share(Half(), torch.zeros(1), "inside") == pytest.approx(0.5, abs=0.1)
     assert range_share(Half(), torch.zeros(1), "elsewhere") == 0
 
+    class FirstCallInside(torch.nn.Module):  # one outlier forward among the rounds
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            with record_function("inside"):
+                time.sleep(0.03 if self.calls > 1 else 0.3)
+            time.sleep(0.03)
+            return x
+
+    assert range_share(FirstCallInside(), torch.zeros(1), "inside", rounds=5) == pytest.approx(0.5, abs=0.1)
+
 
 def test_interleaved_times_call_each_function_once_per_round():
     calls = []

@@ -76,16 +76,21 @@ def peak_forward_bytes(model: nn.Module, batch: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def range_share(model: nn.Module, batch: torch.Tensor, name: str) -> float:
-    """Fraction of one forward's time spent inside the profiler ranges called ``name``: CPU time
-    on the CPU, the time of the kernels launched inside them on CUDA."""
+def range_share(model: nn.Module, batch: torch.Tensor, name: str, rounds: int = 5) -> float:
+    """Fraction of a forward's time spent inside the profiler ranges called ``name``: CPU time
+    on the CPU, the time of the kernels launched inside them on CUDA. The median over ``rounds``
+    profiled forwards: one forward's share swings with the machine's noise (a single one once read
+    92% of a forward whose share is nearer 10%)."""
     cuda = batch.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        with record_function("forward"):
-            model(batch)
-        _sync(batch.device)
-    time = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
-    events = prof.events()
-    total = sum(time(e) for e in events if e.name == "forward")
-    return sum(time(e) for e in events if e.name == name) / total
+    spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    shares = []
+    for _ in range(rounds):
+        with profile(activities=activities) as prof:
+            with record_function("forward"):
+                model(batch)
+            _sync(batch.device)
+        events = prof.events()
+        total = sum(spent(e) for e in events if e.name == "forward")
+        shares.append(sum(spent(e) for e in events if e.name == name) / total)
+    return statistics.median(shares)
