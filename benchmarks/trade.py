@@ -6,7 +6,9 @@ keep ratio bisected to the same mean GMACs).
 Runs whatever is missing under --out (each fine-tune in its own folder, checkpointed every epoch
 and resumed from there, so a killed run continues where it stopped), evaluates every model on the
 full test set, prints the table (top-1 with its 95% interval and paired difference to ATS off the
-shelf, GMACs, extra parameters, training wall time, model img/s) and writes trade.json.
+shelf, GMACs, extra parameters, training wall time, model img/s and its speed-up over dense timed
+in the same evaluation, the figure to compare across rows, since each row's evaluation runs
+separately and the machine's speed drifts between them) and writes trade.json.
 
     python benchmarks/trade.py [--reductions 0.5] [--epochs 2] [--methods ats_ft,dynamicvit] [--out runs/trade]
                                [--limit N]
@@ -89,11 +91,13 @@ def main() -> None:
             rows.append({"reduction": r, "method": label, "top1": round(result.top1, 2),
                          "top1_diff_vs_ats_off_the_shelf": [round(v, 2) for v in diff],
                          "gmacs": round(result.mean_gmacs, 4), "extra_params": params,
-                         "training_seconds": round(seconds), "images_per_s": round(result.images_per_s)})
+                         "training_seconds": round(seconds), "images_per_s": round(result.images_per_s),
+                         "speedup_vs_dense": round(result.speedup, 2)})
     show = [{"budget": f"-{r['reduction']:.0%}", "method": r["method"], "top-1": f"{r['top1']:.2f}",
              "vs ATS off the shelf": "{:+.2f} [{:+.2f}, {:+.2f}]".format(*r["top1_diff_vs_ats_off_the_shelf"]),
              "GMACs": f"{r['gmacs']:.4f}", "extra params": r["extra_params"],
-             "training": f"{r['training_seconds'] / 60:.0f} min", "img/s": r["images_per_s"]} for r in rows]
+             "training": f"{r['training_seconds'] / 60:.0f} min", "img/s": r["images_per_s"],
+             "speed-up": f"{r['speedup_vs_dense']:.2f}x"} for r in rows]
     print(format_table(show, list(show[0])))
     write_json(out / "trade.json", {"machine": machine("cpu"), "epochs": args.epochs, "limit": args.limit,
                                     "rows": rows})
