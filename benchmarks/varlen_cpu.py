@@ -30,7 +30,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import ats_vit
 from ats_vit.core import block, native
-from ats_vit.core.block import attend, varlen_attention_reference
+from ats_vit.core.block import attend, row_offsets, varlen_attention_reference
 from ats_vit.core.tokens import Layout
 from ats_vit.jobs.evaluation import Method, budget_for, image_gmacs
 from ats_vit.jobs.loading import first_images, load_dataset, load_model
@@ -53,7 +53,7 @@ def layout_of(counts: torch.Tensor) -> Layout:
     """The packed layout of images holding ``counts`` tokens each."""
     width = int(counts.max())
     valid = torch.arange(width)[None] < counts[:, None]
-    start = offsets(counts)[:-1]
+    start = row_offsets(counts)[:-1]
     index = torch.where(valid, start[:, None] + torch.arange(width)[None], start[:, None])
     return Layout(index, valid if not bool(valid.all()) else None, True)
 
@@ -70,11 +70,6 @@ def padded(q, k, v, q_layout: Layout, k_layout: Layout, scale: float):
 BLOCK = 128
 torch._dynamo.config.recompile_limit = 1024
 compiled_flex = torch.compile(flex_attention, dynamic=False)
-
-
-def offsets(counts: torch.Tensor) -> torch.Tensor:
-    """Cumulative row offsets (B + 1,) of images holding ``counts`` rows."""
-    return F.pad(counts.cumsum(0), (1, 0))
 
 
 def _documents(counts: torch.Tensor, filler: int) -> torch.Tensor:
@@ -114,10 +109,10 @@ def main() -> None:
             routes = {
                 "padded": lambda q, k, v, qc, kc, ql, kl: padded(q, k, v, ql, kl, scale),
                 "flex": lambda q, k, v, qc, kc, ql, kl: flex(q, k, v, qc, kc, scale),
-                "loop": lambda q, k, v, qc, kc, ql, kl: varlen_attention_reference(q, k, v, offsets(qc), offsets(kc),
-                                                                                 scale),
+                "loop": lambda q, k, v, qc, kc, ql, kl: varlen_attention_reference(
+                    q, k, v, row_offsets(qc), row_offsets(kc), scale),
                 "native": lambda q, k, v, qc, kc, ql, kl: torch.ops.ats_vit.varlen_attention(
-                    q, k, v, offsets(qc), offsets(kc), scale),
+                    q, k, v, row_offsets(qc), row_offsets(kc), scale),
             }
             with torch.no_grad():
                 want = [routes["loop"](*x) for x in inputs]

@@ -10,19 +10,18 @@ from torch.utils.data import DataLoader, Subset
 import ats_vit
 from ats_vit.jobs.data import fashion_mnist
 from ats_vit.jobs.loading import eval_transform
-from ats_vit.zoo import BUNDLED, WEIGHTS_DIR
+from ats_vit.zoo import BUNDLED, weights_file
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))
 def test_bundled_weights_load_through_timm_and_classify_fashion_mnist(name):
     model = timm.create_model(name, pretrained=True).eval()
 
-    weights_file = WEIGHTS_DIR / f"{name}.safetensors"
-    weights = load_file(str(weights_file))
+    weights = load_file(str(weights_file(name)))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     assert model.patch_embed.num_patches == 196 and len(model.blocks) == 12 and model.has_class_token
 
-    meta = json.loads(weights_file.with_suffix(".json").read_text())
+    meta = json.loads(weights_file(name).with_suffix(".json").read_text())
     test_set = Subset(fashion_mnist(train=False, transform=eval_transform(model)), range(1000))
     correct = kept = 0
     ats_model = ats_vit.apply(timm.create_model(name, pretrained=True).eval())

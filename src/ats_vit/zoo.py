@@ -14,7 +14,14 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FMNIST_MODEL = "vit_fmnist_patch2_28"
 FMNIST_WIDE_MODEL = "vit_fmnist_w64_patch2_28"
-FMNIST_WEIGHTS = WEIGHTS_DIR / f"{FMNIST_MODEL}.safetensors"
+
+
+def weights_file(name: str) -> Path:
+    """The committed safetensors weights of the bundled model ``name`` (its metadata JSON beside it)."""
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+FMNIST_WEIGHTS = weights_file(FMNIST_MODEL)
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 
 # DeiT-like: class token, 12 blocks and a 14 x 14 grid of 196 patch tokens (DeiT at 224 px),
@@ -26,7 +33,7 @@ BUNDLED = {FMNIST_MODEL: FMNIST_ARCH, FMNIST_WIDE_MODEL: {**FMNIST_ARCH, "embed_
 
 default_cfgs = generate_default_cfgs({
     f"{name}.ats": dict(
-        file=str(WEIGHTS_DIR / f"{name}.safetensors"), num_classes=10, input_size=(1, 28, 28), mean=FMNIST_MEAN,
+        file=str(weights_file(name)), num_classes=10, input_size=(1, 28, 28), mean=FMNIST_MEAN,
         std=FMNIST_STD, crop_pct=1.0, interpolation="bilinear", first_conv="patch_embed.proj", classifier="head",
         license="apache-2.0", notes=("Trained by `ats-vit train` on Fashion-MNIST; see fmnist metadata JSON.",),
     ) for name in BUNDLED

@@ -113,6 +113,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_valid: Optional[Tensor], k_valid: 
     return out
 
 
+def row_offsets(counts: Tensor) -> Tensor:
+    """Cumulative row offsets (B + 1,) of images packed flat, each holding ``counts`` (B,) rows."""
+    return F.pad(counts.cumsum(0), (1, 0))
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, q_counts: Tensor, k_counts: Tensor, max_q: int, max_k: int,
                      scale: float) -> Tensor:
     """Attention of each image's queries over its own keys, every image packed flat: ``q``
@@ -120,7 +125,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, q_counts: Tensor, k_counts
     (B,) say, at most ``max_q`` and ``max_k`` each (known from the layouts' shapes: no host
     read); (Tq, H, d) out. Flash attention's varlen kernel on VARLEN_DEVICES; elsewhere (the CPU)
     the native per-image kernel, or its twin :func:`varlen_attention_reference` without one."""
-    cu_q, cu_k = (F.pad(c.cumsum(0), (1, 0)) for c in (q_counts, k_counts))
+    cu_q, cu_k = row_offsets(q_counts), row_offsets(k_counts)
     if q.device.type in VARLEN_DEVICES:
         return varlen_attn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, scale=scale)
     if native.available():
