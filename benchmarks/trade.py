@@ -93,6 +93,7 @@ def main() -> None:
                          "gmacs": round(result.mean_gmacs, 4), "extra_params": params,
                          "training_seconds": round(seconds), "images_per_s": round(result.images_per_s),
                          "speedup_vs_dense": round(result.speedup, 2)})
+    rows.sort(key=lambda row: row["reduction"])  # --reductions orders the training, not the table
     show = [{"budget": f"-{r['reduction']:.0%}", "method": r["method"], "top-1": f"{r['top1']:.2f}",
              "vs ATS off the shelf": "{:+.2f} [{:+.2f}, {:+.2f}]".format(*r["top1_diff_vs_ats_off_the_shelf"]),
              "GMACs": f"{r['gmacs']:.4f}", "extra params": r["extra_params"],

@@ -185,7 +185,8 @@ def test_loss_terms_against_a_slow_computation():
     total, terms = dynamicvit_loss(logits, labels, teacher_logits, features, teacher_features, [first, second],
                                    [0.8, 0.5], P)
     ce = sum(-torch.log_softmax(logits[b], 0)[labels[b]] for b in range(B)) / B
-    ratio = ((first[:, 1:].sum() / (B * (N - 1)) - 0.8) ** 2 + (second[:, 1:].sum() / (B * (N - 1)) - 0.5) ** 2) / 2
+    ratio = sum((float(mask[b, 1:].sum()) / (N - 1) - target) ** 2
+                for mask, target in ((first, 0.8), (second, 0.5)) for b in range(B)) / (2 * B)
     kl = sum(sum(math.exp(s) * (s - t) for s, t in zip(torch.log_softmax(logits[b], 0).tolist(),
                                                           torch.log_softmax(teacher_logits[b], 0).tolist()))
              for b in range(B)) / B

@@ -108,7 +108,7 @@ def dynamicvit_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor, feat
                     num_prefix: int, label_smoothing: float = 0.0) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DynamicViT's training loss and its terms.
 
-    cross-entropy + 2 x the mean over stages of (the batch's kept fraction - its target)^2
+    cross-entropy + 2 x the mean over stages and images of (the image's kept fraction - its target)^2
     + 0.5 x KL(student || teacher) of the predicted distributions (batch mean)
     + 0.5 x the mean squared difference of the final patch tokens kept by the last mask from the
     dense teacher's (per kept token and channel).
@@ -119,7 +119,9 @@ def dynamicvit_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor, feat
     """
     P = num_prefix
     ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    ratio = torch.stack([(m[:, P:].mean() - t) ** 2 for m, t in zip(keep_masks, targets)]).mean()
+    # Each image's own kept fraction against the target (the paper's eq. 13), not the batch's:
+    # inference keeps the same count in every image, so every image must learn to keep it.
+    ratio = torch.stack([((m[:, P:].mean(dim=1) - t) ** 2).mean() for m, t in zip(keep_masks, targets)]).mean()
     wide = torch.promote_types(logits.dtype, torch.float32)  # (half-precision autocast outputs)
     student, teacher = F.log_softmax(logits.to(wide), dim=-1), F.log_softmax(teacher_logits.to(wide), dim=-1)
     kl = F.kl_div(teacher, student, reduction="batchmean", log_target=True)  # sum p_s (log p_s - log p_t)
