@@ -198,6 +198,17 @@ def test_loss_terms_against_a_slow_computation():
     assert float(total) == pytest.approx(want[0] + 2 * want[1] + 0.5 * want[2] + 0.5 * want[3], rel=1e-10)
 
 
+def test_keep_ratio_term_holds_each_image_to_the_target():
+    """One image keeping every patch and one keeping none meet a 0.5 target on average, but
+    inference keeps half in each: the term is (1 - 0.5)^2 per image, not 0 for the batch."""
+    B, N, C, P = 2, 5, 3, 1
+    logits, labels = torch.zeros(B, 4, dtype=torch.float64), torch.zeros(B, dtype=torch.long)
+    features = torch.zeros(B, N, C, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float64)
+    _, terms = dynamicvit_loss(logits, labels, logits, features, features, [mask], [0.5], P)
+    assert float(terms["ratio"]) == pytest.approx(0.25, rel=1e-12)
+
+
 def test_targets_follow_the_counts_inference_keeps():
     assert keep_targets([0.7, 0.7, 0.7], 196) == [137 / 196, 96 / 196, 67 / 196]
     assert keep_targets([100, None, 0.5], 196) == [100 / 196, 100 / 196, 50 / 196]
