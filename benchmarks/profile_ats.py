@@ -95,24 +95,25 @@ def main() -> None:
         print(f"{'op':40s} {'calls':>6s} {'us':>8s}")
         for op in r["ops"][:args.rows]:
             print(f"{op['op'][:40]:40s} {op['calls_per_forward']:6.0f} {op['self_us_per_forward']:8.1f}")
-    spent = {name: {op["op"]: op for op in result[name]["ops"]} for name in ("ats", "bound")}
-    excess = sorted(({"op": op, "calls_ats": spent["ats"].get(op, {}).get("calls_per_forward", 0.0),
-                      "calls_bound": spent["bound"].get(op, {}).get("calls_per_forward", 0.0),
-                      "excess_us": spent["ats"].get(op, {}).get("self_us_per_forward", 0.0)
-                      - spent["bound"].get(op, {}).get("self_us_per_forward", 0.0)}
-                     for op in spent["ats"].keys() | spent["bound"].keys()), key=lambda r: -r["excess_us"])
+    by_op = {name: {op["op"]: op for op in result[name]["ops"]} for name in ("ats", "bound")}
+
+    def spent(name: str, op: str, field: str) -> float:
+        return by_op[name].get(op, {}).get(field, 0.0)
+
+    excess = sorted(({"op": op, "calls_ats": spent("ats", op, "calls_per_forward"),
+                      "calls_bound": spent("bound", op, "calls_per_forward"),
+                      "excess_us": spent("ats", op, "self_us_per_forward") - spent("bound", op, "self_us_per_forward")}
+                     for op in by_op["ats"].keys() | by_op["bound"].keys()), key=lambda r: -r["excess_us"])
     print(f"\nATS over the bound: {result['ats']['wall_us'] - result['bound']['wall_us']:+.0f} us per forward "
           f"unprofiled, {result['ats']['forward_us'] - result['bound']['forward_us']:+.0f} us under the profiler")
     print(f"{'op':40s} {'calls ATS':>9s} {'bound':>6s} {'us':>8s}")
     for r in excess[:args.rows]:
         print(f"{r['op'][:40]:40s} {r['calls_ats']:9.0f} {r['calls_bound']:6.0f} {r['excess_us']:+8.1f}")
-    result["ats_over_bound"] = excess
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"profile_{args.case}_b{args.batch}.json",
-               {"case": args.case, "batch": args.batch, **{k: ({**v, "ops": v["ops"][:40]} if k != "ats_over_bound" else v[:40])
-                                                   for k, v in result.items()},
-                **machine("cpu")})
+               {"case": args.case, "batch": args.batch, **{k: {**v, "ops": v["ops"][:40]} for k, v in result.items()},
+                "ats_over_bound": excess[:40], **machine("cpu")})
 
 
 if __name__ == "__main__":
