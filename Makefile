@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ats-vit-installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean imagenet
 
 setup: $(STAMP)
 
@@ -24,6 +24,17 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/ats-vit eval --out runs/eval
+
+# The README's headline: the real ImageNet ViT-Ti and images of ../shared/imagenet (about 45 min on 2 cores).
+IMAGENET := ../shared/imagenet
+IMAGENET_MODEL := --model vit_tiny_patch16_224 --checkpoint $(IMAGENET)/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors
+imagenet: setup
+	$(PY) benchmarks/imagenet.py view runs/imagenet-1100
+	$(VENV)/bin/ats-vit ablate $(IMAGENET_MODEL) --data runs/imagenet-1100 --reductions 0.2,0.3,0.4,0.5 \
+		--calib-images 128 --batch-size 64 --timing-batch-sizes 1,64 --out docs/imagenet
+	$(VENV)/bin/ats-vit viz $(IMAGENET_MODEL) --out docs/imagenet/viz \
+		$$(ls $(IMAGENET)/sample-1000/*/* | awk 'NR % 125 == 1')
+	$(PY) benchmarks/imagenet.py report docs/imagenet
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,11 +1,14 @@
 """ATS under low-precision autocast against float32: how many images keep the same token sets
 after every ATS block, and how many predictions agree, beside the dense model under the same
 autocast. For scale, the same in float32 with the input perturbed by relative Gaussian noise:
-how sensitive the selection itself is. The bundled model, the released configuration (blocks
-3-11, K = all patch tokens), the first N Fashion-MNIST test images. Prints a table, writes JSON.
+how sensitive the selection itself is. The released configuration (blocks 3-11, K = all patch
+tokens), the first N images: by default the bundled model on Fashion-MNIST; the real ViT-Ti on
+ImageNet images with ``--model vit_tiny_patch16_224 --checkpoint ../shared/imagenet/...safetensors
+--data runs/imagenet-1100`` (``python benchmarks/imagenet.py view`` makes that folder). Prints a
+table, writes JSON.
 
     python benchmarks/precision.py [--images 256] [--dtypes bfloat16] [--noise 1e-4,1e-3] [--device cpu]
-                                   [--out runs/precision]
+                                   [--model NAME --checkpoint FILE --data FOLDER] [--out runs/precision]
 """
 import argparse
 from contextlib import nullcontext
@@ -36,11 +39,14 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16, float16")
     parser.add_argument("--noise", default="1e-4,1e-3", help="comma-separated relative input noise levels")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None, help="timm name (default: the bundled model)")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--out", default="runs/precision")
     args = parser.parse_args()
     device = torch.device(args.device)
-    model = load_model().to(device)
-    images = first_images(load_dataset("fashion-mnist", model), args.images).to(device)
+    model = load_model(args.model, args.checkpoint).to(device)
+    images = first_images(load_dataset(args.data, model), args.images).to(device)
     dense32, _ = forward(model, images, None)
     ats_vit.apply(model)
     ats32, kept32 = forward(model, images, None)
@@ -64,7 +70,8 @@ def main() -> None:
     print(format_table(rows, columns))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "precision.json", {"images": args.images, "rows": rows, **machine(args.device)})
+    write_json(out / "precision.json", {"model": args.model or "bundled", "data": args.data, "images": len(images),
+                                        "rows": rows, **machine(args.device)})
     print(f"wrote {out / 'precision.json'}")
 
 

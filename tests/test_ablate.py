@@ -15,12 +15,13 @@ def test_ablate_matches_every_variant_to_the_target_gmacs(tmp_path, capsys):
     assert code == 0, err
     report = json.loads((tmp_path / "results.json").read_text())
     rows = report["rows"]
-    dense = rows[0]
-    assert dense["method"] == "dense" and len(rows) == 1 + 9
+    dense, released = rows[:2]
+    assert dense["method"] == "dense" and len(rows) == 2 + 9
+    assert released["method"] == "ATS 3-11 released (K=all)" and released["num_tokens"] is None
     assert {r["reducer"] for r in rows[1:]} == {"ats", "evit", "tome"}
     assert {r["sampler"] for r in rows[1:] if r["reducer"] == "ats"} == {"inverse_transform", "topk", "random"}
     assert {r["scorer"] for r in rows[1:] if r["reducer"] == "ats"} == {"cls_value", "cls", "all_queries", "random"}
-    for r in rows[1:]:
+    for r in rows[2:]:
         # calibration and evaluation images are the same 64 here, so the search's result shows
         assert abs(r["gmacs"] - r["target_gmacs"]) <= 0.02 * r["target_gmacs"], r
         assert r["target_gmacs"] == 0.5 * report["meta"]["dense_gmacs"]
@@ -31,7 +32,12 @@ def test_ablate_matches_every_variant_to_the_target_gmacs(tmp_path, capsys):
             assert r["vs"] == ("dense" if r["family"] == "ATS 3-11" else "ATS 3-11 -50%")
             assert r["top1_diff"] == pytest.approx(r["top1"] - by_label[r["vs"]]["top1"], abs=0.011)
             assert r["top1_diff_low"] <= r["top1_diff"] <= r["top1_diff_high"]
+            if r["vs"] != "dense":  # a rival is compared with dense too
+                assert r["top1_diff_dense"] == pytest.approx(r["top1"] - dense["top1"], abs=0.011)
+        assert r["top1_diff_low" if r is not dense else "top1_low"] is not None
+        assert r["agreement_low"] <= r["agreement"] <= r["agreement_high"] <= 100
+    assert dense["agreement"] == 100 and min(r["agreement"] for r in rows) < 100
     with open(tmp_path / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 10
+        assert len(list(csv.DictReader(f))) == 11
     assert (tmp_path / "accuracy_vs_gmacs.png").stat().st_size > 0
     assert "ToMe 3-11 -50%" in out and "EViT 3-11 -50%" in out

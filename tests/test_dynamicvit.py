@@ -152,7 +152,7 @@ def test_training_masks_equal_pruning_those_tokens_and_train_the_predictors(vit,
     model = ats_vit.apply(copy.deepcopy(base), blocks=BLOCKS, num_tokens=0.7, reducer="dynamicvit").train()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     logits = model(x)
-    masks = ats_vit.hosts._patch(model).keep_masks
+    masks = ats_vit.hosts._patch(model).last.keep_masks
     assert len(masks) == 3 and all((m[:, 0] == 1).all() for m in masks)
     assert all((later <= earlier).all() for earlier, later in zip(masks, masks[1:]))
     for b in range(2):

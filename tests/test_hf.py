@@ -352,3 +352,38 @@ def test_views_follow_dtype_moves_and_loaded_weights():
     model.to(torch.float64)
     x = images("vit", 2, dtype=torch.float64)
     assert torch.allclose(logits(model, x), logits(other.to(torch.float64), x), atol=1e-12, rtol=0)
+
+
+def test_a_timm_vit_converted_to_transformers_computes_the_same(tmp_path):
+    """timm weights in a ViTForImageClassification (the real ViT-Ti's path to ``hf:``): the same
+    logits, dense and with ATS, the same picks per image, and the saved folder loads by itself."""
+    from reference import make_vit
+    from ats_vit.hosts.hf import save_vit_from_timm, vit_from_timm
+    base = make_vit("vit_tiny_patch16_224", img_size=64, patch_size=8, num_classes=7).double()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    converted = vit_from_timm(base).double()
+    assert torch.allclose(logits(converted, x), base(x), atol=1e-10, rtol=0)
+    timm_ats, hf_ats = ats_vit.apply(base, num_tokens=30), ats_vit.apply(converted, num_tokens=30)
+    with torch.no_grad():
+        want = timm_ats(x)
+    got = logits(hf_ats, x)
+    a, b = ats_vit.last_stats(timm_ats), ats_vit.last_stats(hf_ats)
+    assert len(set(a.num_kept[:, -1].tolist())) > 1 and torch.equal(a.num_kept, b.num_kept)
+    assert all(a.kept_positions(i, blk) == b.kept_positions(i, blk) for i in range(4) for blk in a.blocks)
+    assert torch.allclose(got, want, atol=1e-10, rtol=0)
+    ats_vit.remove(timm_ats)
+    save_vit_from_timm(timm_ats.float(), tmp_path / "vit")
+    reloaded = load(tmp_path / "vit")
+    assert torch.allclose(logits(reloaded, x.float()), timm_ats(x.float()), atol=1e-5, rtol=0)
+    from transformers import AutoImageProcessor
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "vit")
+    assert processor.crop_pct == 0.9 and processor.size["shortest_edge"] == 64
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(init_values=1e-5), "LayerScale"), (dict(global_pool="avg"), "avg"),
+                                           (dict(reg_tokens=2), "registers")])
+def test_converting_what_transformers_vit_cannot_hold_is_refused(kwargs, match):
+    import timm
+    from ats_vit.hosts.hf import vit_from_timm
+    with pytest.raises(TypeError, match=match):
+        vit_from_timm(timm.create_model("vit_tiny_patch16_224", img_size=32, **kwargs))

@@ -10,12 +10,12 @@ from .core.sampling import (get_sampler, inverse_transform_sampling, list_sample
                             register_sampler, topk_sampling)
 from .core.scoring import get_scorer, list_scorers, token_scores
 from .core.stats import ATSStats
-from .hosts import apply, cost_model, dense_gmacs, is_patched, last_stats, remove, validate
+from .hosts import apply, cost_model, dense_gmacs, forward_with_stats, is_patched, last_stats, remove, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "remove", "is_patched", "last_stats", "validate", "ATSStats",
+    "apply", "remove", "is_patched", "last_stats", "forward_with_stats", "validate", "ATSStats",
     "token_scores", "inverse_transform_sampling", "topk_sampling", "random_sampling",
     "get_sampler", "list_samplers", "register_sampler", "get_scorer", "list_scorers",
     "BlockCost", "ViTCost", "cost_model", "dense_gmacs",

@@ -81,7 +81,9 @@ class Layout:
         """Real tokens per image, (B,)."""
         B, N = self.shape
         if self.valid is None:
-            return torch.full((B,), N, dtype=torch.long, device=self.index.device)
+            # ones times N, not torch.full: inductor's pass that folds a cumsum of a full tensor
+            # (row_offsets) fails when N is a symbolic size (torch 2.14, pointless_cumsum_replacement)
+            return torch.ones(B, dtype=torch.long, device=self.index.device) * N
         return self.valid.sum(dim=1)
 
     def image_of_row(self) -> Tensor:
@@ -115,6 +117,11 @@ class Tokens:
     def padded(self) -> Tensor:
         """(B, Nmax, C) tokens, padding rows arbitrary."""
         return self.layout.pad(self.x)
+
+    def pool_weight(self) -> Optional[Tensor]:
+        """(B, Nmax) each token's weight in pooling, or None when all weigh one: a merged token
+        weighs the patches it holds; a token a training mask dropped, and padding, weigh nothing."""
+        return next((w for w in (self.size, self.keep, self.layout.valid) if w is not None), None)
 
 
 def select_rows(tokens: Tokens, index: Tensor, num_prefix: int) -> tuple[Tensor, Layout, Tensor, Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from types import ModuleType
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -18,7 +18,7 @@ from ..core.stats import ATSStats
 from .patch import ATTRIBUTE, Patch, PatchConfig, patch_of, reducer_blocks, uninstall
 
 __all__ = ["apply", "validate", "remove", "is_patched", "last_stats", "default_blocks", "training_outputs", "cost_model",
-           "dense_gmacs", "num_patches", "is_transformers_model", "PatchConfig"]
+           "dense_gmacs", "num_patches", "is_transformers_model", "PatchConfig", "forward_with_stats"]
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -51,12 +51,13 @@ def default_blocks(model: nn.Module, reducer: str = "ats") -> tuple:
 
 
 def training_outputs(model: nn.Module) -> tuple:
-    """What the last training forward of a model with a trained reducer (DynamicViT) left for
-    its loss: each reducing block's keep mask (B, N) and the final normed tokens (B, N, C)."""
+    """What the calling thread's last training forward of a model with a trained reducer
+    (DynamicViT) left for its loss: each reducing block's keep mask (B, N) and the final normed
+    tokens (B, N, C)."""
     patch = _patch(model)
-    if patch is None or not patch.keep_masks:
-        raise ValueError("no masked training forward has run (DynamicViT applied, model.train())")
-    return patch.keep_masks, patch.features
+    if patch is None or not patch.last.keep_masks:
+        raise ValueError("no masked training forward has run in this thread (DynamicViT applied, model.train())")
+    return patch.last.keep_masks, patch.last.features
 
 
 def apply(
@@ -127,7 +128,8 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def last_stats(model: nn.Module) -> ATSStats:
-    """Tokens kept, their positions and GMACs per image in the model's last forward."""
+    """Tokens kept, their positions and GMACs per image in the model's last forward in the
+    calling thread (each thread sees its own forwards; see :func:`forward_with_stats`)."""
     patch = _patch(model)
     if patch is None:
         raise ValueError("model is not patched with ATS; call ats_vit.apply(model) first")
@@ -135,6 +137,12 @@ def last_stats(model: nn.Module) -> ATSStats:
     if stats is None:
         raise ValueError("no forward has run since ats_vit.apply; run the model first")
     return stats
+
+
+def forward_with_stats(model: nn.Module, *args, **kwargs) -> Tuple[Any, ATSStats]:
+    """``model(*args, **kwargs)`` and that forward's :class:`ATSStats`, as one call."""
+    output = model(*args, **kwargs)
+    return output, last_stats(model)
 
 
 def cost_model(model: nn.Module):

@@ -145,3 +145,84 @@ class _ATSViTModel:
         sequence = self.layernorm(run_blocks(patch.parts, x, _num_prefix(self), patch, ckpt).padded())
         pooled = self.pooler(sequence) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=pooled)
+
+
+def vit_from_timm(model: nn.Module):
+    """A transformers ``ViTForImageClassification`` with the weights of the timm ViT ``model``
+    (a plain ViT/DeiT: class token, token pooling, no LayerScale, registers, pre-norm or fc-norm;
+    anything else is refused with a TypeError naming it). Its logits equal timm's within float
+    tolerance; :func:`save_vit_from_timm` also writes the image processor of timm's transform."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+    from transformers import ViTConfig, ViTForImageClassification
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"vit_from_timm takes a timm VisionTransformer, got {type(model).__name__}")
+    blk = model.blocks[0]
+    unsupported = {
+        "no class token": not model.has_class_token, "registers": model.num_reg_tokens > 0,
+        f"global_pool={model.global_pool!r}": model.global_pool != "token",
+        "no_embed_class": model.no_embed_class, "pre-norm": not isinstance(model.norm_pre, nn.Identity),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "LayerScale": not isinstance(blk.ls1, nn.Identity),
+        "other blocks": any(type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp
+                            or not isinstance(b.attn.q_norm, nn.Identity) or not isinstance(b.attn.norm, nn.Identity)
+                            for b in model.blocks),
+        "a patch embedding with a norm": not isinstance(model.patch_embed.norm, nn.Identity),
+    }
+    refused = [name for name, found in unsupported.items() if found]
+    if refused:
+        raise TypeError(f"vit_from_timm: transformers' ViT has no {', '.join(refused)}")
+    heads, dim = blk.attn.num_heads, model.embed_dim
+    config = ViTConfig(hidden_size=dim, num_hidden_layers=len(model.blocks), num_attention_heads=heads,
+                       intermediate_size=blk.mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=blk.norm1.eps,
+                       image_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+                       num_channels=model.patch_embed.proj.in_channels, qkv_bias=blk.attn.qkv.bias is not None,
+                       num_labels=model.num_classes, **_imagenet_labels(model.num_classes))
+    converted = ViTForImageClassification(config).eval()
+    state = {"vit.embeddings.cls_token": model.cls_token, "vit.embeddings.position_embeddings": model.pos_embed,
+             "vit.embeddings.patch_embeddings.projection.weight": model.patch_embed.proj.weight,
+             "vit.embeddings.patch_embeddings.projection.bias": model.patch_embed.proj.bias,
+             "vit.layernorm.weight": model.norm.weight, "vit.layernorm.bias": model.norm.bias,
+             "classifier.weight": model.head.weight, "classifier.bias": model.head.bias}
+    for i, b in enumerate(model.blocks):
+        at = f"vit.layers.{i}."
+        for part, w in zip(("q_proj", "k_proj", "v_proj"), b.attn.qkv.weight.chunk(3)):
+            state[at + f"attention.{part}.weight"] = w
+        if b.attn.qkv.bias is not None:
+            for part, w in zip(("q_proj", "k_proj", "v_proj"), b.attn.qkv.bias.chunk(3)):
+                state[at + f"attention.{part}.bias"] = w
+        pairs = {"attention.o_proj": b.attn.proj, "layernorm_before": b.norm1, "layernorm_after": b.norm2,
+                 "mlp.fc1": b.mlp.fc1, "mlp.fc2": b.mlp.fc2}
+        for name, module in pairs.items():
+            state[at + name + ".weight"] = module.weight
+            state[at + name + ".bias"] = module.bias
+    converted.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    return converted
+
+
+def _imagenet_labels(num_classes: int) -> dict:
+    if num_classes != 1000:
+        return {}
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo()
+    names = {i: info.index_to_description(i) for i in range(1000)}
+    return {"id2label": names, "label2id": {v: k for k, v in names.items()}}
+
+
+def save_vit_from_timm(model: nn.Module, folder) -> None:
+    """:func:`vit_from_timm` saved to ``folder`` with an image processor that does what timm's
+    eval transform for ``model`` does (resize the short side to size / crop_pct, bicubic, centre
+    crop, its mean and std), so ``ats-vit eval --model hf:FOLDER`` sees the same pixels."""
+    from timm.data import resolve_data_config
+    from transformers import ConvNextImageProcessor
+
+    config = resolve_data_config({}, model=model)
+    if config["interpolation"] != "bicubic" or config["crop_mode"] != "center":
+        raise TypeError(f"save_vit_from_timm: the processor does bicubic centre crops, the model's transform is "
+                        f"{config['interpolation']} {config['crop_mode']}")
+    vit_from_timm(model).save_pretrained(folder)
+    # ConvNeXt's processor resizes the short side to shortest_edge / crop_pct, then centre-crops: timm's eval resize
+    ConvNextImageProcessor(size={"shortest_edge": model.patch_embed.img_size[-1]}, crop_pct=config["crop_pct"],
+                           resample=3, image_mean=list(config["mean"]), image_std=list(config["std"])
+                           ).save_pretrained(folder)

@@ -7,6 +7,7 @@ under :data:`ATTRIBUTE`; the host says which module is the target of a model.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from functools import partial
 from numbers import Integral
@@ -25,6 +26,7 @@ from ..core.tokens import Layout, Tokens
 from ..reducers import REDUCERS, TRAINED
 
 ATTRIBUTE = "_ats_patch"  # the one attribute a patched target carries
+POOL_WEIGHT = "ats_pool_weight"  # on the features a patched forward returns: each token's pooling weight
 MODES = ("packed", "padded")
 
 
@@ -39,29 +41,39 @@ class PatchConfig:
     reducer: str = "ats"
 
 
+class LastForward(threading.local):
+    """What the last forward in the calling thread left, for :func:`ats_vit.last_stats` and a
+    trained reducer's loss: per thread, so threads sharing one patched model never read one
+    another's. Nothing a forward computes with is kept here (pooling weights travel on the
+    features, see :data:`POOL_WEIGHT`)."""
+    stats: Union[None, ATSStats, Callable[[], ATSStats]] = None  # built when first asked for
+    keep_masks: Tuple[Tensor, ...] = ()  # training keep mask after each reducing block
+    features: Optional[Tensor] = None  # a masked training forward's final normed tokens
+
+
 @dataclass
 class Patch:
     """Everything a patched model holds: its config, the host's block records (``parts``) and
-    cost model, the target's class before the patch (for :func:`remove`), and what the last
-    forward left: its statistics (built when first asked for: a forward only records the token
-    counts and positions) and the weight of each output token in pooling (a merged token weighs
-    the patches it holds; padding and a token a training mask dropped weigh nothing; None: all
-    weigh one)."""
+    cost model, the target's class before the patch (for :func:`remove`), a trained reducer's
+    modules, and (per thread) what the last forward left."""
     config: PatchConfig
     parts: tuple
     cost: object
     original_class: type
-    last: Union[None, ATSStats, Callable[[], ATSStats]] = None
-    pool_weight: Optional[Tensor] = None
     learned: Dict[int, nn.Module] = field(default_factory=dict)  # a trained reducer's module per block
-    keep_masks: Tuple[Tensor, ...] = ()  # training keep mask after each reducing block, last forward
-    features: Optional[Tensor] = None  # the last training forward's final normed tokens, when masked
+    last: LastForward = field(default_factory=LastForward, repr=False, compare=False)
 
     def last_stats(self) -> Optional[ATSStats]:
-        """The last forward's statistics (None before any forward), built once."""
-        if callable(self.last):
-            self.last = self.last()
-        return self.last
+        """The calling thread's last forward's statistics (None before any), built once."""
+        if callable(self.last.stats):
+            self.last.stats = self.last.stats()
+        return self.last.stats
+
+    def __getstate__(self) -> dict:  # pickled and copied without the last forward's record
+        return {k: v for k, v in self.__dict__.items() if k != "last"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, last=LastForward())
 
 
 def check_blocks(blocks: Union[None, int, Sequence[int]], depth: int, default: Sequence[int]) -> Tuple[int, ...]:
@@ -116,15 +128,35 @@ def check_unpatched(target: nn.Module) -> None:
 _CLASSES: Dict[Tuple[type, type], type] = {}
 
 
-def install(target: nn.Module, methods: type, patch: Patch) -> None:
-    """Put ``patch`` on ``target`` and swap its class for one with ``methods``' methods in front
-    (one class per pair, so instances share it)."""
-    cls = type(target)
+def patched_class(cls: type, methods: type) -> type:
+    """The class of a ``cls`` patched with ``methods``' methods in front (one per pair, so
+    instances share it)."""
     if (cls, methods) not in _CLASSES:
-        # The host library's module, so the patched model is still told apart as that library's.
-        _CLASSES[cls, methods] = type(f"ATS{cls.__name__}", (methods, cls), {"__module__": cls.__module__})
+        # The host library's module, so the patched model is still told apart as that library's;
+        # pickled as its two importable parts (see _reduce).
+        _CLASSES[cls, methods] = type(f"ATS{cls.__name__}", (methods, cls),
+                                      {"__module__": cls.__module__, "__reduce_ex__": _reduce})
+    return _CLASSES[cls, methods]
+
+
+def _reduce(self: nn.Module, protocol: int):
+    """Pickle (torch.save, deepcopy, multiprocessing) a patched module as its original class, the
+    host's methods and its state: unpickling rebuilds the same patched module."""
+    cls, methods = type(self).__bases__[1], type(self).__bases__[0]
+    return _rebuild, (cls, methods, self.__dict__.copy())
+
+
+def _rebuild(cls: type, methods: type, state: dict) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    module.__class__ = patched_class(cls, methods)
+    return module
+
+
+def install(target: nn.Module, methods: type, patch: Patch) -> None:
+    """Put ``patch`` on ``target`` and swap its class for one with ``methods``' methods in front."""
     setattr(target, ATTRIBUTE, patch)
-    target.__class__ = _CLASSES[cls, methods]
+    target.__class__ = patched_class(type(target), methods)
 
 
 def uninstall(target: nn.Module) -> None:
@@ -146,7 +178,9 @@ def run_blocks(blocks: Sequence, x: Tensor, num_prefix: int, patch: Patch, grad_
     By default the blocks are :class:`~ats_vit.core.parts.BlockParts` run through the config's
     reducer step (see :mod:`ats_vit.reducers`) and :func:`~ats_vit.core.block.dense_block`; a
     host with other blocks passes its own ``reduce`` (with a reducer step's arguments) and
-    ``dense`` (block, tokens), and a ``cost`` model bound to the input size."""
+    ``dense`` (block, tokens), and a ``cost`` model bound to the input size. The statistics are
+    the calling thread's (:class:`LastForward`)."""
+    refuse_tracing()
     config = patch.config
     reduce = REDUCERS[config.reducer] if reduce is None else reduce
     P = num_prefix
@@ -169,10 +203,22 @@ def run_blocks(blocks: Sequence, x: Tensor, num_prefix: int, patch: Patch, grad_
         else:
             tokens = run(dense, blk, tokens)
         counts.append(tokens.layout.counts())
-    patch.keep_masks = tuple(keep_masks)
-    patch.last = partial(make_stats, config, patch.cost if cost is None else cost, n, P, counts, tuple(positions))
-    patch.pool_weight = next((w for w in (tokens.size, tokens.keep, tokens.layout.valid) if w is not None), None)
+    patch.last.keep_masks = tuple(keep_masks)
+    patch.last.stats = partial(make_stats, config, patch.cost if cost is None else cost, n, P, counts, tuple(positions))
     return tokens
+
+
+def refuse_tracing() -> None:
+    """One clear error for the tracers that cannot record ATS (each image's kept count is data):
+    ``torch.jit.trace`` would freeze the example's counts, and ``torch.export`` needs the counts as
+    unbacked sizes, which the patched forward does not give it yet. ``torch.compile`` works."""
+    if torch.jit.is_tracing():
+        raise RuntimeError("torch.jit.trace cannot record a model with ATS applied: each image keeps its own number "
+                           "of tokens, which a trace would fix to the example's; use torch.compile, or trace the "
+                           "model before ats_vit.apply")
+    if torch.compiler.is_exporting():
+        raise RuntimeError("torch.export does not support a model with ATS applied yet (each image keeps its own "
+                           "number of tokens); use torch.compile, or export the model before ats_vit.apply")
 
 
 def make_stats(config: PatchConfig, cost, num_patches: int, num_prefix: int, counts: Sequence[Tensor],

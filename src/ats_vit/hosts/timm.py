@@ -17,7 +17,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..core.macs import BlockCost, ViTCost, linear_macs
 from ..core.parts import AttentionParts, BlockParts
 from ..reducers.dynamicvit import check_predictors, predictors_of
-from .patch import Patch, PatchConfig, check_unpatched, checked_config, install, patch_of, run_blocks
+from .patch import POOL_WEIGHT, Patch, PatchConfig, check_unpatched, checked_config, install, patch_of, run_blocks
 
 _POOLS = ("", "token", "avg", "max", "avgmax")
 
@@ -108,13 +108,19 @@ class _ATSVisionTransformer:
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         patch = patch_of(self)
-        x = self.norm(run_blocks(patch.parts, x, self.num_prefix_tokens, patch, ckpt).padded())
-        patch.features = x if patch.keep_masks else None  # a masked training forward's, for its loss
+        tokens = run_blocks(patch.parts, x, self.num_prefix_tokens, patch, ckpt)
+        x = self.norm(tokens.padded())
+        patch.last.features = x if patch.last.keep_masks else None  # a masked training forward's, for its loss
+        weight = tokens.pool_weight()
+        if weight is not None:  # these features' own pooling weights go where they go (forward_head)
+            setattr(x, POOL_WEIGHT, weight)
         return x
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
+        """timm's pooling, over each image's real tokens weighted as the forward that made ``x``
+        left them (a tensor without those weights pools as timm does)."""
         pool_type = self.global_pool if pool_type is None else pool_type
-        weight = patch_of(self).pool_weight
+        weight = getattr(x, POOL_WEIGHT, None)
         if weight is None or pool_type in ("", "token") or weight.shape != x.shape[:2]:
             return super().pool(x, pool_type)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens

@@ -17,11 +17,12 @@ from .options import OUT
 def ablation_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
                    reductions: Sequence[float] = (0.4, 0.5, 0.6),
                    progress: Callable[[str], None] = lambda s: None) -> List[Method]:
-    """The paper's ablations and the rival reducers on ``model``, each at ``reductions`` of dense
-    GMACs (budgets found on ``images``): ATS in its default blocks (3..last) against top-K and
-    random selection, against the class attention without the value norm, the attention from all
-    queries and random scores, against ATS in the first of them alone; and EViT and ToMe in the
-    same blocks. ATS rows are compared with dense, the others with ATS at their budget."""
+    """The paper's ablations and the rival reducers on ``model``: ATS's released configuration (K =
+    all patches), then each variant at ``reductions`` of dense GMACs (budgets found on ``images``):
+    ATS in its default blocks (3..last) against top-K and random selection, against the class
+    attention without the value norm, the attention from all queries and random scores, against ATS
+    in the first of them alone; and EViT and ToMe in the same blocks. ATS rows are compared with
+    dense, the others with ATS at their budget."""
     late = default_blocks(model)
     span = f"{late[0]}-{late[-1]}"
     variants = [
@@ -41,7 +42,7 @@ def ablation_suite(model: nn.Module, images: torch.Tensor, batch_size: int,
             progress(f"skipping {family}: {reason}")
     variants = [v for v in variants if not refused[v.family]]
     dense = image_gmacs(model, images)
-    methods = [DENSE]
+    methods = [DENSE, variants[0].with_tokens(None, f"{variants[0].family} released (K=all)")]
     for r in reductions:
         for v in variants:
             progress(f"finding the budget of {v.family} for {r:.0%} fewer GMACs")
@@ -64,6 +65,6 @@ def run_ablate(options: AblateOptions):
 COMMAND = dict(
     name="ablate", options=AblateOptions, run=run_ablate,
     help="the paper's ablations and EViT/ToMe at matched GMACs, one table",
-    description="Every variant (ATS, top-K and random selection; no value norm, all-query attention and random "
+    description="ATS's released configuration, and every variant (ATS, top-K and random selection; no value norm, all-query attention and random "
                 "scores; ATS in block 3 alone; EViT; ToMe) at each of --reductions of dense GMACs, budgets found "
                 "on the calibration images.")

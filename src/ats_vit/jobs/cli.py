@@ -32,6 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = COMMANDS[args.command]
     try:
         command["run"](options_from(command["options"], args, command="ats-vit " + " ".join(argv)))
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT; results are written atomically
+        print("ats-vit: interrupted", file=sys.stderr)
+        return 130
     except UserError as e:
         # Errors raised in a data-loader worker come back with its traceback folded into the message.
         message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torchvision import datasets
@@ -60,3 +61,67 @@ def fashion_mnist(train: bool, root: Optional[Union[str, Path]] = None,
     staged = _stage_debian_copy(root)
     return datasets.FashionMNIST(str(root), train=train, download=not staged,
                                  transform=transform if transform is not None else fashion_mnist_transform(train))
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ``ImageFolder`` with two changes.
+
+    Its walk enters each real folder once, so a symlink loop (``c4/loop -> c4``) or a folder linked
+    twice is not walked again and again; linked image files are read as usual. Given ``labels`` (the
+    class names of a model's head in its order, e.g. ImageNet synsets), each class folder is numbered
+    by its name's index there, whatever subset of the classes is present, instead of by its position
+    among the folders present; ``classes`` is then ``labels``.
+    """
+
+    def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None,
+                 loader: Callable = datasets.folder.default_loader, labels: Optional[Sequence[str]] = None):
+        self._labels = None if labels is None else list(labels)
+        super().__init__(str(root), transform=transform, loader=loader, allow_empty=labels is not None)
+        if not self.samples:
+            raise FileNotFoundError(f"Found no image file in {root}")
+
+    def find_classes(self, directory: Union[str, Path]) -> Tuple[List[str], Dict[str, int]]:
+        if self._labels is None:
+            return super().find_classes(directory)
+        return self._labels, {name: i for i, name in enumerate(self._labels)}
+
+    @staticmethod
+    def make_dataset(directory: Union[str, Path], class_to_idx: Dict[str, int], extensions=None,
+                     is_valid_file=None, allow_empty: bool = False) -> List[Tuple[str, int]]:
+        valid = is_valid_file or (lambda path: datasets.folder.has_file_allowed_extension(path, extensions))
+        tops = {name: os.path.join(directory, name) for name in sorted(class_to_idx)}
+        tops = {name: top for name, top in tops.items() if os.path.isdir(top)}
+        # class folders are walked as their own class first: a link to one from inside another is skipped
+        seen = {os.path.realpath(top) for top in tops.values()}
+        walked = set()
+        samples, found = [], set()
+        for name, top in tops.items():
+            if os.path.realpath(top) in walked:  # two class folders that are one folder
+                continue
+            walked.add(os.path.realpath(top))
+            for root, files in _walk_once(top, seen):
+                for file in files:
+                    path = os.path.join(root, file)
+                    if valid(path):
+                        samples.append((path, class_to_idx[name]))
+                        found.add(name)
+        empty = set(class_to_idx) - found
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}")
+        return samples
+
+
+def _walk_once(top: str, seen: set) -> List[Tuple[str, List[str]]]:
+    """``(folder, sorted file names)`` under ``top``, symlinked folders followed, each real folder
+    not yet in ``seen`` (shared across calls) entered once; in torchvision's order (sorted by path)."""
+    walked = []
+    for root, dirs, files in os.walk(top, followlinks=True):
+        keep = []
+        for d in dirs:
+            real = os.path.realpath(os.path.join(root, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
+        walked.append((root, sorted(files)))
+    return sorted(walked)

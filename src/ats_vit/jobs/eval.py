@@ -3,7 +3,7 @@ figures. :mod:`.ablate` runs the same job on the ablation suite."""
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -17,7 +17,7 @@ from .errors import UserError
 from .evaluation import (DENSE, Method, Result, budget_for, check_method, check_target, configured_copies,
                          default_suite, evaluate_method, image_gmacs)
 from .figures import plot_accuracy_vs_gmacs, plot_token_histogram
-from .intervals import RESAMPLES, SEED, accuracy_interval, difference_interval
+from .intervals import RESAMPLES, SEED, accuracy_interval, comparison, difference_interval
 from .loading import first_images, load_dataset, load_model, num_classes
 from .options import (BATCH_SIZE, BLOCKS, CHECKPOINT, DATA, DEFAULT_DEVICE, DEVICE, LIMIT, MODEL, NUM_TOKENS, OUT,
                       REDUCER, SAMPLER, WORKERS, Option, at_least, check_options, comma_list, fractions)
@@ -30,6 +30,8 @@ HF_MODEL = ("timm model name, a local .safetensors with its metadata JSON beside
 REDUCTIONS = Option("--reductions", comma_list(float), "GMACs reductions of the matched budgets", check=fractions)
 CALIB_IMAGES = Option("--calib-images", int, "images used to find budgets", check=at_least(1))
 TIMING_REPEATS = Option("--timing-repeats", int, "timed rounds of every method", check=at_least(1))
+TIMING_BATCH_SIZES = Option("--timing-batch-sizes", comma_list(int), "batch sizes the model alone is timed at, "
+                            "each over the same images (default: --batch-size)", check=at_least(1))
 TARGET_GMACS = Option("--target-gmacs", float, "find K so the mean GMACs per image hit this", check=at_least(0))
 
 
@@ -46,6 +48,7 @@ class CompareOptions:
     workers: int = WORKERS(2)
     device: str = DEVICE(DEFAULT_DEVICE)
     timing_repeats: int = TIMING_REPEATS(5)
+    timing_batch_sizes: Optional[List[int]] = TIMING_BATCH_SIZES()
     out: str = OUT("runs/eval")
     command: str = ""
 
@@ -98,7 +101,7 @@ def run_eval(options: CompareOptions, suite: Suite = default_suite) -> List[Resu
     writes the report."""
     check_options(options)
     if not isinstance(options, EvalOptions):
-        options = EvalOptions(**vars(options))
+        options = EvalOptions(**{f.name: getattr(options, f.name) for f in fields(CompareOptions)})
     if options.target_gmacs is not None and options.num_tokens is not None:
         raise UserError("--num-tokens and --target-gmacs exclude each other: the target chooses the tokens")
     torch.manual_seed(0)  # the random-selection and random-score ablations draw from it
@@ -110,7 +113,8 @@ def run_eval(options: CompareOptions, suite: Suite = default_suite) -> List[Resu
         calib = first_images(dataset, options.calib_images).to(device)
         methods = _methods(model, options, suite, calib, d)
 
-        timing_batch = calib[:options.batch_size]
+        sizes = options.timing_batch_sizes or [options.batch_size]
+        timing_images = calib[:max(sizes)] if len(calib) >= max(sizes) else first_images(dataset, max(sizes)).to(device)
         results = []
         for method in methods:
             results.append(evaluate_method(model, loader, method, device, classes, d))
@@ -118,23 +122,26 @@ def run_eval(options: CompareOptions, suite: Suite = default_suite) -> List[Resu
                 print(f"  {method.label}: top-1 {results[-1].top1:.2f}%  {results[-1].mean_gmacs:.4f} GMACs", flush=True)
         if d.main:
             with configured_copies(model, methods) as models:
-                speeds = compare_throughput(models, timing_batch, repeats=options.timing_repeats)
-            for result, speed in zip(results, speeds):
-                result.images_per_s, result.speedup = speed.images_per_s, speed.speedup
-            _report(model, options, dataset, results, timing_batch, d)
+                for size in sizes:
+                    print(f"  timing every method at batch {size}", flush=True)
+                    speeds = compare_throughput(models, timing_images, repeats=options.timing_repeats, batch_size=size)
+                    for result, speed in zip(results, speeds):
+                        result.speeds[size] = speed
+            _report(model, options, dataset, results, timing_images, sizes, d)
         barrier(d)  # the others wait while rank 0 times and writes
     return results
 
 
 def _rows(results: List[Result], dense: float) -> List[dict]:
-    hits = {r.method.label: r.hits for r in results}
+    by_label = {r.method.label: r for r in results}
+    reference_predictions = by_label[DENSE.label].predictions
     rows = []
     for r in results:
         kept = r.num_kept.mean(axis=0) if r.num_kept is not None else None
         low, high = accuracy_interval(r.hits)
+        agree = r.predictions == reference_predictions
         reference = None if r.method.blocks is None else (r.method.reference or DENSE.label)
-        diff = difference_interval(r.hits, hits[reference]) if reference else (None, None, None)
-        rows.append({
+        row = {
             "method": r.method.label,
             "family": r.method.family,
             "blocks": list(r.method.blocks) if r.method.blocks else [],
@@ -147,53 +154,86 @@ def _rows(results: List[Result], dense: float) -> List[dict]:
             "top1_low": round(low, 2),
             "top1_high": round(high, 2),
             "top5": None if r.top5 is None else round(r.top5, 2),
+            "agreement": round(100.0 * float(agree.mean()), 2),
+            **dict(zip(("agreement_low", "agreement_high"), (round(v, 2) for v in accuracy_interval(agree)))),
             "vs": reference or "",
-            "top1_diff": None if reference is None else round(diff[0], 2),
-            "top1_diff_low": None if reference is None else round(diff[1], 2),
-            "top1_diff_high": None if reference is None else round(diff[2], 2),
+            **_difference(r, by_label.get(reference), ""),
+            **_difference(r, by_label[DENSE.label] if reference not in (None, DENSE.label) else None, "_dense"),
             "gmacs": round(r.mean_gmacs, 5),
             "reduction_pct": round(100 * (1 - r.mean_gmacs / dense), 1),
             "tokens_per_ats_block": [] if kept is None else [round(float(k), 1) for k in kept],
-            "model_images_per_s": round(r.images_per_s, 1),
-            "speedup": round(r.speedup, 3),
+            "speed": {str(size): {"images_per_s": round(s.images_per_s, 1), "speedup": round(s.speedup, 3),
+                                  "median_ms": round(s.median_ms, 2), "p90_ms": round(s.p90_ms, 2)}
+                      for size, s in r.speeds.items()},
             "end_to_end_images_per_s": round(len(r.gmacs) / r.seconds, 1),
-        })
+        }
+        first = next(iter(r.speeds.values()), None)  # the first timed batch size's, as before
+        row["model_images_per_s"] = round(first.images_per_s, 1) if first else None
+        row["speedup"] = round(first.speedup, 3) if first else None
+        rows.append(row)
     return rows
 
 
-def _report(model, options: EvalOptions, dataset, results: List[Result], timing_batch: torch.Tensor,
-            d: Dist) -> None:
-    out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dense = image_gmacs(model, timing_batch)
-    rows = _rows(results, dense)
-    show = [{
+def _difference(result: Result, reference: Optional[Result], suffix: str) -> dict:
+    """The paired top-1 difference of ``result`` over ``reference`` with its interval and verdict
+    (keys end in ``suffix``); None values without a reference."""
+    keys = [k + suffix for k in ("top1_diff", "top1_diff_low", "top1_diff_high", "verdict")]
+    if reference is None:
+        return dict.fromkeys(keys)
+    diff = difference_interval(result.hits, reference.hits)
+    return dict(zip(keys, [*(round(v, 2) for v in diff), comparison(*diff[1:])]))
+
+
+def _show_difference(row: dict, suffix: str, against: str) -> str:
+    if row["top1_diff" + suffix] is None:
+        return "-"
+    return (f"{row['top1_diff' + suffix]:+.2f} [{row['top1_diff_low' + suffix]:+.2f}, "
+            f"{row['top1_diff_high' + suffix]:+.2f}] {row['verdict' + suffix]}{against}")
+
+
+def table_view(rows: List[dict]) -> List[dict]:
+    """The rows as the printed table's cells (also what the README's tables show)."""
+    return [{
         "method": r["method"], "top-1": f"{r['top1']:.2f}", "95% CI": f"{r['top1_low']:.1f}-{r['top1_high']:.1f}",
         **({"top-5": f"{r['top5']:.2f}"} if r["top5"] is not None else {}),
-        "top-1 vs": "-" if not r["vs"] else
-        f"{r['top1_diff']:+.2f} [{r['top1_diff_low']:+.2f}, {r['top1_diff_high']:+.2f}] vs {r['vs']}",
+        "agreement with dense": f"{r['agreement']:.1f} ({r['agreement_low']:.1f}-{r['agreement_high']:.1f})",
+        "top-1 vs": _show_difference(r, "", f" vs {r['vs']}" if r["vs"] else ""),
+        "top-1 vs dense": _show_difference(r, "_dense", "") if r["vs"] != DENSE.label else _show_difference(r, "", ""),
         "GMACs": f"{r['gmacs']:.4f}", "reduction": f"{r['reduction_pct']:.1f}%",
         "tokens per ATS block": " ".join(f"{k:.0f}" for k in r["tokens_per_ats_block"]) or "-",
-        "img/s (model)": f"{r['model_images_per_s']:.0f}", "speed-up": f"{r['speedup']:.2f}x",
+        **{f"speed-up b{size}": f"{s['speedup']:.2f}x" for size, s in r["speed"].items()},
+        **{f"img/s b{size}": f"{s['images_per_s']:.0f}" for size, s in r["speed"].items()},
         "img/s (end-to-end)": f"{r['end_to_end_images_per_s']:.0f}",
     } for r in rows]
+
+
+def _report(model, options: EvalOptions, dataset, results: List[Result], timing_images: torch.Tensor,
+            sizes: List[int], d: Dist) -> None:
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dense = image_gmacs(model, timing_images)
+    rows = _rows(results, dense)
+    show = table_view(rows)
     print()
     print(format_table(show, list(show[0])))
     print(f"\n{len(dataset)} images; 95% intervals: percentile bootstrap over the images ({RESAMPLES} resamples, "
-          f"seed {SEED}), paired for the top-1 differences. GMACs measured per image from the tokens kept. "
-          f"img/s (model): the model "
-          f"alone on one batch of {len(timing_batch)} images, every method run in turn for {options.timing_repeats} "
-          f"rounds after warm-up (median time; speed-up: median of the paired ratios), {options.device}, "
-          f"{torch.get_num_threads()} threads, rank 0 of {d.world} process(es); end-to-end includes data loading.")
+          f"seed {SEED}), paired for the top-1 differences (better / worse: the interval excludes zero). Agreement: "
+          f"the share of images whose top-1 equals dense's. GMACs measured per image from the tokens kept. img/s "
+          f"and speed-up at batch b: the model alone over the same {len(timing_images)} images in forwards of b, "
+          f"every method run in turn for {options.timing_repeats} rounds after warm-up (median round; speed-up: "
+          f"median of the paired ratios), {options.device}, {torch.get_num_threads()} threads, rank 0 of {d.world} "
+          f"process(es); end-to-end includes data loading.")
 
     meta = {"model": options.model or "vit_fmnist_patch2_28 (bundled)", "checkpoint": options.checkpoint,
             "data": options.data, "images": len(dataset), "calibration_images": options.calib_images,
+            "timing_images": len(timing_images), "timing_batch_sizes": sizes,
             "dense_gmacs": dense, **machine(options.device), "processes": d.world, "command": options.command}
     write_json(out / "results.json", {"meta": meta, "rows": rows})
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        flat = [{k: v for k, v in r.items() if k != "speed"} for r in rows]
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(flat)
 
     series = {}
     for r in rows:

@@ -6,7 +6,7 @@ import time
 import copy
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ..hosts import apply, default_blocks, dense_gmacs, is_patched, last_stats, num_patches, remove, validate
 from .distributed import Dist, gather
 from .errors import UserError
+from .timing import Speed
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,8 @@ class Result:
     num_kept: Optional[np.ndarray]  # (images, ATS blocks)
     seconds: float  # whole pass, data loading included
     hits: np.ndarray  # per image: top-1 correct
-    images_per_s: float = float("nan")  # model only
-    speedup: float = float("nan")  # model only, over dense: the median of paired timing rounds
+    predictions: np.ndarray  # per image: the top-1 class
+    speeds: Dict[int, Speed] = field(default_factory=dict)  # the model alone, by timed batch size
     extra: dict = field(default_factory=dict)
 
     @property
@@ -136,7 +137,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, classes:
     over ``loader``. Under torchrun each rank passes its :func:`~ats_vit.distributed.shard` and
     every rank gets the whole dataset's result, in dataset order."""
     model.eval()
-    hit1, hit5, gmacs, kept = [], [], [], []
+    hit1, hit5, gmacs, kept, guesses = [], [], [], [], []
     dense = None
     start = time.perf_counter()
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not d.main):
@@ -145,17 +146,18 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, classes:
             dense = image_gmacs(model, images)
         logits, g, k = _forward_stats(model, images, dense)
         top = logits.topk(min(5, classes), dim=-1).indices.cpu()
+        guesses.append(top[:, 0])
         hit1.append(top[:, 0] == labels)
         hit5.append((top == labels[:, None]).any(dim=1))
         gmacs.append(g)
         if k is not None:
             kept.append(k)
     seconds = time.perf_counter() - start
-    hit1, hit5, g = (gather(torch.cat(t), d) for t in (hit1, hit5, gmacs))
+    hit1, hit5, g, guess = (gather(torch.cat(t), d) for t in (hit1, hit5, gmacs, guesses))
     k = gather(torch.cat(kept), d) if kept else None
     n = len(g)
     return Result(method, 100.0 * int(hit1.sum()) / n, 100.0 * int(hit5.sum()) / n if classes > 5 else None,
-                  g.numpy(), None if k is None else k.numpy(), seconds, hit1.numpy())
+                  g.numpy(), None if k is None else k.numpy(), seconds, hit1.numpy(), guess.numpy())
 
 
 def evaluate_method(model: nn.Module, loader: DataLoader, method: Method, device: torch.device,

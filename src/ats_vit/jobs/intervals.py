@@ -40,3 +40,9 @@ def difference_interval(hits: np.ndarray, reference: np.ndarray) -> Tuple[float,
 def verdict(low: float, high: float) -> str:
     """How a difference's interval reads a claim that the difference is positive."""
     return "holds" if low > 0 else "does not hold" if high < 0 else "cannot tell"
+
+
+def comparison(low: float, high: float) -> str:
+    """A paired difference's interval (a row minus its reference) read as the row being better,
+    worse, or neither told apart from its reference."""
+    return {"holds": "better", "does not hold": "worse"}.get(verdict(low, high), "cannot tell")

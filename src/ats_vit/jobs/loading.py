@@ -2,24 +2,25 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import timm
 import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file
-from timm.data import create_transform, resolve_data_config
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets, transforms
+from torchvision import transforms
 
 from ..hosts import default_blocks, is_transformers_model
 from ..reducers.dynamicvit import PREDICTORS, predictors_of
 from ..zoo import FMNIST_MODEL
-from .data import fashion_mnist, fashion_mnist_augment
+from .data import ImageFolder, fashion_mnist, fashion_mnist_augment
 from .errors import UserError
 
 
@@ -175,22 +176,44 @@ def read_image(path: str) -> Image.Image:
 
 
 def load_dataset(data: str, model: nn.Module, limit: Optional[int] = None, root: Optional[str] = None) -> Dataset:
-    """``fashion-mnist`` (its 10k test images) or an ImageNet-style folder of class sub-folders."""
+    """``fashion-mnist`` (its 10k test images) or a folder of class sub-folders (see :func:`image_folder`)."""
     transform = eval_transform(model)
     if data == "fashion-mnist":
-        dataset = fashion_mnist(train=False, root=root, transform=transform)
-    else:
-        if not Path(data).is_dir():
-            raise UserError(f"--data: {data} is neither 'fashion-mnist' nor a folder")
-        dataset = _image_folder(Path(data), transform)
-    return _limited(_matching(dataset, model), limit)
+        return _limited(_matching(fashion_mnist(train=False, root=root, transform=transform), model), limit)
+    if not Path(data).is_dir():
+        raise UserError(f"--data: {data} is neither 'fashion-mnist' nor a folder")
+    return _limited(image_folder(Path(data), model, transform), limit)
 
 
-def _image_folder(folder: Path, transform) -> Dataset:
+def head_size(model: nn.Module) -> int:
+    """The number of classes of the model's head."""
+    return model.config.num_labels if is_transformers_model(model) else model.num_classes
+
+
+def head_synsets(model: nn.Module) -> Optional[List[str]]:
+    """The ImageNet synsets of the model's head in its order, where timm's ``ImageNetInfo`` knows a
+    label set of its class count (1000: ImageNet-1k; 11821, 21841, 21843...: the larger sets)."""
+    subset = infer_imagenet_subset({"num_classes": head_size(model)})
+    return None if subset is None else ImageNetInfo(subset).label_names()
+
+
+def image_folder(folder: Path, model: nn.Module, transform, flag: str = "--data") -> Dataset:
+    """The images under ``folder``'s class sub-folders (at any depth), labelled for ``model``'s head.
+
+    Class folders named by ImageNet synsets of the head's label set are scored by the synset's index
+    there, whatever subset of the classes is present (a validation folder of some classes,
+    Imagenette, ImageNet-100); other folders must be one per class of the head, in its order."""
     try:
-        return datasets.ImageFolder(str(folder), transform=transform, loader=read_image)
+        present = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+        synsets = head_synsets(model)
+        if present and synsets is not None and set(present) <= set(synsets):
+            dataset = ImageFolder(folder, transform, read_image, labels=synsets)
+            print(f"{flag} {folder}: {len(present)} ImageNet synset folders, each image scored as its synset's "
+                  f"index among the model's {len(synsets)} classes ({len(dataset)} images)", file=sys.stderr, flush=True)
+            return dataset
+        return _matching(ImageFolder(folder, transform, read_image), model)
     except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"--data {folder}: {e}") from None
+        raise UserError(f"{flag} {folder}: {e}") from None
 
 
 def load_train_dataset(data: str, model: nn.Module, limit: Optional[int] = None,
@@ -200,23 +223,22 @@ def load_train_dataset(data: str, model: nn.Module, limit: Optional[int] = None,
     ImageNet-style folder with the model's timm train transform."""
     if data == "fashion-mnist":
         augment = transforms.Compose([*fashion_mnist_augment(), eval_transform(model)])
-        dataset = fashion_mnist(train=True, root=root, transform=augment)
-    else:
-        folder = Path(data) / "train"
-        if not folder.is_dir():
-            raise UserError(f"--data {data}: training needs 'fashion-mnist' or a folder with train/ and val/ "
-                            "sub-folders of class folders")
-        dataset = _image_folder(folder, eval_transform(model, training=True))
-    return _limited(_matching(dataset, model), limit)
+        return _limited(_matching(fashion_mnist(train=True, root=root, transform=augment), model), limit)
+    folder = Path(data) / "train"
+    if not folder.is_dir():
+        raise UserError(f"--data {data}: training needs 'fashion-mnist' or a folder with train/ and val/ "
+                        "sub-folders of class folders")
+    return _limited(image_folder(folder, model, eval_transform(model, training=True)), limit)
 
 
 def _matching(dataset: Dataset, model: nn.Module) -> Dataset:
     """``dataset``, if its labels can be the model's classes: a label is an index into the head."""
-    head = model.config.num_labels if is_transformers_model(model) else model.num_classes
+    head = head_size(model)
     if len(dataset.classes) != head:
+        synsets = " or ImageNet synset folders (any subset)" if head_synsets(model) else ""
         raise UserError(f"--data has {len(dataset.classes)} classes but the model's head has {head}; use a "
-                        "folder with one sub-folder per class of the model (in its order), or a checkpoint "
-                        "trained on these classes")
+                        f"folder with one sub-folder per class of the model (in its order){synsets}, or a "
+                        "checkpoint trained on these classes")
     return dataset
 
 

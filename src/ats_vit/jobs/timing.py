@@ -7,7 +7,7 @@ import itertools
 import math
 import statistics
 import time
-from typing import Callable, List, NamedTuple, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,35 +24,55 @@ def interleaved_times(fns: Sequence[Callable[[], object]], device: torch.device,
                       repeats: int = 5) -> List[List[float]]:
     """Seconds of each timed call of each of ``fns``: every round calls each once in turn, after
     ``warmup`` untimed rounds, so a machine whose speed drifts slows them all alike."""
+    return [[sum(call) for call in calls] for calls in _interleaved([[fn] for fn in fns], device, warmup, repeats)]
+
+
+def _interleaved(parts: Sequence[Sequence[Callable[[], object]]], device: torch.device, warmup: int,
+                 repeats: int) -> List[List[List[float]]]:
+    """For each entry of ``parts`` (a list of calls that make one round of it), per timed round,
+    the seconds of each call: every round runs each entry's calls in turn."""
     for _ in range(warmup):
-        for fn in fns:
-            fn()
+        for calls in parts:
+            for call in calls:
+                call()
     _sync(device)
-    times: List[List[float]] = [[] for _ in fns]
+    times: List[List[List[float]]] = [[] for _ in parts]
     for _ in range(repeats):
-        for fn, record in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            record.append(time.perf_counter() - start)
+        for calls, record in zip(parts, times):
+            seconds = []
+            for call in calls:
+                start = time.perf_counter()
+                call()
+                _sync(device)
+                seconds.append(time.perf_counter() - start)
+            record.append(seconds)
     return times
 
 
 class Speed(NamedTuple):
-    """One model's timing on one batch."""
-    images_per_s: float  # from the median time of a forward
+    """One model's timing on one set of images."""
+    images_per_s: float  # from the median time of a round over the images
     speedup: float  # over the first model compared: the median of the rounds' paired time ratios
-    median_ms: float  # latency of one forward of the batch
-    p90_ms: float  # the 90th percentile (nearest rank)
+    median_ms: float  # latency of one forward (of batch_size images)
+    p90_ms: float  # the 90th percentile (nearest rank) of that latency
 
 
 def compare_throughput(models: Sequence[Callable[[torch.Tensor], object]], batch: torch.Tensor, warmup: int = 2,
-                       repeats: int = 5) -> List[Speed]:
-    """The :class:`Speed` of each model on ``batch``, timed in interleaved rounds."""
-    times = interleaved_times([functools.partial(m, batch) for m in models], batch.device, warmup, repeats)
-    return [Speed(len(batch) / statistics.median(t), statistics.median(b / x for b, x in zip(times[0], t)),
-                  1000 * statistics.median(t), 1000 * sorted(t)[math.ceil(0.9 * len(t)) - 1])  # nearest rank
-            for t in times]
+                       repeats: int = 5, batch_size: Optional[int] = None) -> List[Speed]:
+    """The :class:`Speed` of each model on ``batch``, timed in interleaved rounds. A round runs a
+    model over all of ``batch`` in forwards of ``batch_size`` images (default: one forward), so at
+    batch 1 each image's own token counts are in the time, not one image's."""
+    chunks = batch.split(batch_size or len(batch))
+    times = _interleaved([[functools.partial(m, c) for c in chunks] for m in models], batch.device, warmup, repeats)
+    totals = [[sum(r) for r in t] for t in times]
+    speeds = []
+    for rounds, total in zip(times, totals):
+        forwards = sorted(s for r in rounds for s in r)
+        speeds.append(Speed(len(batch) / statistics.median(total),
+                            statistics.median(b / x for b, x in zip(totals[0], total)),
+                            1000 * statistics.median(forwards),
+                            1000 * forwards[math.ceil(0.9 * len(forwards)) - 1]))  # nearest rank
+    return speeds
 
 
 @torch.no_grad()

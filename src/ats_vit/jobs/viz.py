@@ -13,7 +13,7 @@ from .data import FASHION_MNIST_CLASSES, fashion_mnist
 from .errors import UserError
 from .evaluation import Method, apply_method
 from .figures import kept_patch_masks, render_token_maps, to_display
-from .loading import eval_transform, load_model, read_image
+from .loading import eval_transform, head_synsets, load_model, read_image
 from .options import BLOCKS, CHECKPOINT, MODEL, NUM_TOKENS, OUT, SAMPLER, Option, at_least, check_options
 
 IMAGES = Option("images", nargs="*", help="image files (PNG, JPEG, any size and mode)")
@@ -39,7 +39,7 @@ def _class_names(num_classes: int, fashion: bool) -> Optional[List[str]]:
     if num_classes == 1000:
         from timm.data import ImageNetInfo
         info = ImageNetInfo()
-        return [info.index_to_description(i) for i in range(1000)]
+        return [info.index_to_description(i).split(",")[0] for i in range(1000)]  # its first name
     return None
 
 
@@ -60,10 +60,12 @@ def run_viz(options: VizOptions) -> List[Path]:
     model = load_model(options.model, options.checkpoint, "viz")
     transform = eval_transform(model)
     inputs, names, truths = [], [], []
+    synsets = head_synsets(model) or []
     for path in options.images:
         inputs.append(transform(read_image(path)))
         names.append(_unique(Path(path).stem, names))
-        truths.append(None)
+        folder = Path(path).parent.name  # an ImageNet synset folder names the image's class
+        truths.append(synsets.index(folder) if folder in synsets else None)
     if options.fashion_mnist > 0:
         test = fashion_mnist(train=False, transform=transform)
         for i in range(min(options.fashion_mnist, len(test))):
@@ -78,6 +80,7 @@ def run_viz(options: VizOptions) -> List[Path]:
     stats = last_stats(model)
     config = resolve_data_config({}, model=model)
     labels = _class_names(model.num_classes, options.fashion_mnist > 0 and not options.images)
+    correct = sum(t == p for t, p in zip(truths, predictions) if t is not None)
     name_of = (lambda i: labels[i]) if labels else str
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +92,8 @@ def run_viz(options: VizOptions) -> List[Path]:
         picture = to_display(batch[i], config["mean"], config["std"])
         figure = render_token_maps(picture, tuple(model.patch_embed.grid_size), kept_patch_masks(stats, i), titles)
         written.append(figure.save(out / f"{name}_tokens.png"))
-    print(f"wrote {len(written)} token maps to {out}")
+    known = sum(t is not None for t in truths)
+    print(f"wrote {len(written)} token maps to {out}" + (f"; {correct} of {known} labelled images right" if known else ""))
     return written
 
 

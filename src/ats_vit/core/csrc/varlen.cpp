@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 namespace {
 
@@ -22,7 +23,11 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t* b = ck.data_ptr<int64_t>();
   const int64_t B = cq.numel() - 1;
   auto out = at::empty_like(q);
+  // The workers run tensor operations, so they take the caller's thread-local state (inference
+  // mode, grad mode, dispatch keys): without it a copy into `out` made under inference_mode fails.
+  const at::ThreadLocalState caller;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state(caller);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t nq = a[i + 1] - a[i], nk = b[i + 1] - b[i];
       if (nq == 0) continue;
