@@ -18,7 +18,7 @@ from .evaluation import (DENSE, Method, Result, budget_for, check_method, check_
                          default_suite, evaluate_method, image_gmacs)
 from .figures import plot_accuracy_vs_gmacs, plot_token_histogram
 from .intervals import RESAMPLES, SEED, accuracy_interval, comparison, difference_interval
-from .loading import first_images, load_dataset, load_model, num_classes
+from .loading import load_dataset, load_model, num_classes, spread_images
 from .options import (BATCH_SIZE, BLOCKS, CHECKPOINT, DATA, DEFAULT_DEVICE, DEVICE, LIMIT, MODEL, NUM_TOKENS, OUT,
                       REDUCER, SAMPLER, WORKERS, Option, at_least, check_options, comma_list, fractions)
 from .report import format_table, machine, write_json
@@ -110,11 +110,11 @@ def run_eval(options: CompareOptions, suite: Suite = default_suite) -> List[Resu
         dataset = load_dataset(options.data, model, options.limit)
         classes = num_classes(dataset)
         loader = DataLoader(shard(dataset, d), batch_size=options.batch_size, num_workers=options.workers)
-        calib = first_images(dataset, options.calib_images).to(device)
+        calib = spread_images(dataset, options.calib_images).to(device)
         methods = _methods(model, options, suite, calib, d)
 
         sizes = options.timing_batch_sizes or [options.batch_size]
-        timing_images = calib[:max(sizes)] if len(calib) >= max(sizes) else first_images(dataset, max(sizes)).to(device)
+        timing_images = spread_images(dataset, max(sizes)).to(device)
         results = []
         for method in methods:
             results.append(evaluate_method(model, loader, method, device, classes, d))

@@ -255,6 +255,14 @@ def num_classes(dataset: Dataset) -> int:
     return len(base.classes)
 
 
+def spread_images(dataset: Dataset, count: int) -> torch.Tensor:
+    """``count`` images evenly spaced over ``dataset`` (all of it when it holds fewer), stacked: a
+    calibration set that sees every part of a folder sorted by class, not its first classes."""
+    n = len(dataset)
+    picks = sorted({(i * n) // count for i in range(count)}) if count < n else range(n)
+    return torch.stack([dataset[i][0] for i in picks])
+
+
 def first_images(dataset: Dataset, count: int) -> torch.Tensor:
     """The first ``count`` images of ``dataset`` stacked into one batch."""
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
