@@ -74,7 +74,7 @@ def side_by_side(runs: list) -> None:
         cells = []
         for b in budgets:
             verdicts = [found[i]["cells"].get(b, {}).get("verdict", "-") for _, found in runs]
-            cells.append(" / ".join(verdicts) + (" **disagree**" if len(set(verdicts)) > 1 else ""))
+            cells.append(" / ".join(verdicts) + (" **disagree**" if len(set(verdicts) - {"-"}) > 1 else ""))  # "-": no such budget
         print(f"| {claim} | " + " | ".join(cells) + " |")
 
 
