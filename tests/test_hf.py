@@ -323,7 +323,7 @@ def test_ablate_on_cvt_runs_the_variants_it_supports(hf_folder, image_folder, tm
                              "--out", str(tmp_path)], capsys)
     assert code == 0, err
     rows = [r["method"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]]
-    assert rows == ["dense", "ATS 1-3 -10%", "top-K 1-3 -10%", "random selection 1-3 -10%", "ATS block 1 -10%"]
+    assert rows == ["dense", "ATS 1-3 released (K=all)", "ATS 1-3 -10%", "top-K 1-3 -10%", "random selection 1-3 -10%", "ATS block 1 -10%"]
     for skipped in ("EViT 1-3", "ToMe 1-3", "ATS 1-3, no value norm"):
         assert f"skipping {skipped}: CvT supports reducer 'ats'" in stdout
 
