@@ -28,7 +28,7 @@ READINGS = [
 
 def readings(folder: Path) -> list:
     rows = json.loads((folder / "results.json").read_text())["rows"]
-    budgets = sorted({r["target_gmacs"] and r["method"].rsplit(" ", 1)[1] for r in rows} - {None})  # matched rows
+    budgets = sorted({r["method"].rsplit(" ", 1)[1] for r in rows if r["target_gmacs"] is not None})  # matched rows
     out = []
     for claim, key in READINGS:
         cells = {}

@@ -132,6 +132,21 @@ def test_interleaved_times_call_each_function_once_per_round():
     assert calls == ["a", "b"] * 11 and [len(t) for t in times] == [10, 10]
 
 
+def test_compare_throughput_rounds_run_every_image_in_forwards_of_the_batch_size(monkeypatch):
+    """At batch_size 2 a round of 6 images is 3 forwards of 2 (each image's own cost is timed); img/s
+    is the images over the median round, the latencies are per forward, the speed-up paired."""
+    from ats_vit.jobs import timing
+    seen = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))  # every call: one second
+    fast = lambda x: seen.append(("fast", len(x)))
+    speeds = timing.compare_throughput([fast, fast], torch.zeros(6, 1), warmup=1, repeats=3, batch_size=2)
+    assert seen == [("fast", 2)] * (3 * 2 * (1 + 3))
+    for speed in speeds:
+        assert speed.images_per_s == pytest.approx(6 / 3) and speed.speedup == pytest.approx(1.0)
+        assert speed.median_ms == pytest.approx(1000.0) and speed.p90_ms == pytest.approx(1000.0)
+
+
 def test_torch_compile_gives_the_same_outputs():
     model = ats_vit.apply(make_vit("deit_small_patch16_224", img_size=64), num_tokens=0.8)
     x = torch.randn(4, 3, 64, 64)

@@ -20,6 +20,9 @@ def test_eval_on_image_folder_with_local_checkpoint(tiny_checkpoint, image_folde
     assert ats["gmacs"] < dense["gmacs"] and ats["reduction_pct"] > 0
     assert len(ats["tokens_per_ats_block"]) == 9 and ats["tokens_per_ats_block"][0] <= 98
     assert dense["top5"] is None  # 3 classes: top-5 is meaningless
+    assert set(ats["speed"]) == {"256"} and ats["speed"]["256"]["images_per_s"] > 0  # --batch-size by default
+    with open(out / "results.csv") as f:  # the speed figures as flat columns, one per batch size
+        assert {"speedup_b256", "images_per_s_b256", "median_ms_b256", "p90_ms_b256"} <= set(f.readline().strip().split(","))
     for name in ["results.csv", "accuracy_vs_gmacs.png", "tokens_per_block.png"]:
         assert (out / name).stat().st_size > 0
     assert "dense" in stdout and "ATS blocks" in stdout

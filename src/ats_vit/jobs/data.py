@@ -90,16 +90,16 @@ class ImageFolder(datasets.ImageFolder):
                      is_valid_file=None, allow_empty: bool = False) -> List[Tuple[str, int]]:
         valid = is_valid_file or (lambda path: datasets.folder.has_file_allowed_extension(path, extensions))
         tops = {name: os.path.join(directory, name) for name in sorted(class_to_idx)}
-        tops = {name: top for name, top in tops.items() if os.path.isdir(top)}
+        reals = {name: os.path.realpath(top) for name, top in tops.items() if os.path.isdir(top)}
         # class folders are walked as their own class first: a link to one from inside another is skipped
-        seen = {os.path.realpath(top) for top in tops.values()}
+        seen = set(reals.values())
         walked = set()
         samples, found = [], set()
-        for name, top in tops.items():
-            if os.path.realpath(top) in walked:  # two class folders that are one folder
+        for name, real in reals.items():
+            if real in walked:  # two class folders that are one folder
                 continue
-            walked.add(os.path.realpath(top))
-            for root, files in _walk_once(top, seen):
+            walked.add(real)
+            for root, files in _walk_once(tops[name], seen):
                 for file in files:
                     path = os.path.join(root, file)
                     if valid(path):

@@ -141,7 +141,7 @@ def _rows(results: List[Result], dense: float) -> List[dict]:
         low, high = accuracy_interval(r.hits)
         agree = r.predictions == reference_predictions
         reference = None if r.method.blocks is None else (r.method.reference or DENSE.label)
-        row = {
+        rows.append({
             "method": r.method.label,
             "family": r.method.family,
             "blocks": list(r.method.blocks) if r.method.blocks else [],
@@ -166,11 +166,7 @@ def _rows(results: List[Result], dense: float) -> List[dict]:
                                   "median_ms": round(s.median_ms, 2), "p90_ms": round(s.p90_ms, 2)}
                       for size, s in r.speeds.items()},
             "end_to_end_images_per_s": round(len(r.gmacs) / r.seconds, 1),
-        }
-        first = next(iter(r.speeds.values()), None)  # the first timed batch size's, as before
-        row["model_images_per_s"] = round(first.images_per_s, 1) if first else None
-        row["speedup"] = round(first.speedup, 3) if first else None
-        rows.append(row)
+        })
     return rows
 
 
@@ -230,7 +226,10 @@ def _report(model, options: EvalOptions, dataset, results: List[Result], timing_
             "dense_gmacs": dense, **machine(options.device), "processes": d.world, "command": options.command}
     write_json(out / "results.json", {"meta": meta, "rows": rows})
     with open(out / "results.csv", "w", newline="") as f:
-        flat = [{k: v for k, v in r.items() if k != "speed"} for r in rows]
+        # one column per timed batch size and figure, in place of the nested "speed"
+        flat = [{**{k: v for k, v in r.items() if k != "speed"},
+                 **{f"{name}_b{size}": value for size, speed in r["speed"].items() for name, value in speed.items()}}
+                for r in rows]
         writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()
         writer.writerows(flat)

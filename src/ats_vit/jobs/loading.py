@@ -259,10 +259,13 @@ def spread_images(dataset: Dataset, count: int) -> torch.Tensor:
     """``count`` images evenly spaced over ``dataset`` (all of it when it holds fewer), stacked: a
     calibration set that sees every part of a folder sorted by class, not its first classes."""
     n = len(dataset)
-    picks = sorted({(i * n) // count for i in range(count)}) if count < n else range(n)
-    return torch.stack([dataset[i][0] for i in picks])
+    return _stacked(dataset, sorted({(i * n) // count for i in range(count)}) if count < n else range(n))
 
 
 def first_images(dataset: Dataset, count: int) -> torch.Tensor:
     """The first ``count`` images of ``dataset`` stacked into one batch."""
-    return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+    return _stacked(dataset, range(min(count, len(dataset))))
+
+
+def _stacked(dataset: Dataset, indices) -> torch.Tensor:
+    return torch.stack([dataset[i][0] for i in indices])
